@@ -240,7 +240,8 @@ def avg_pool2d_phase(
 
     Sums use zero padding. The divisor follows PyTorch: with ``count_include_pad`` it is the window's overlap with
     the padded input, else with the input; positions past the padded input (``ceil_mode`` windows, the phase
-    extension) are never counted. ``divisor_override`` replaces the divisor.
+    extension) are never counted, and a window with nothing to count gives 0. ``divisor_override`` replaces the
+    divisor.
 
     Shape:
         - x: ``(N, C, H, W)`` or ``(C, H, W)``
@@ -262,7 +263,7 @@ def avg_pool2d_phase(
         mask = _window(F.pad(ones, pads, value=1.0), (0, 0, 0, 0), 0.0, phase, needed)
     else:
         mask = _window(ones, pads, 0.0, phase, needed)
-    counts = F.avg_pool2d(mask, k, s, 0, False, True, 1)
+    counts = F.avg_pool2d(mask, k, s, 0, False, True, 1).clamp_min(1.0)  # windows wholly past the input read 0
     if x.dim() == 3:
         counts = counts[0]
     return sums / counts

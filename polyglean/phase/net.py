@@ -110,6 +110,11 @@ class PhaseNet(nn.Module):
         return list(self._sites)
 
     @property
+    def discovery(self) -> Discovery:
+        """What discovery found: the traced graph, the sites, and the runnable op of every subsampling node."""
+        return self._found
+
+    @property
     def segments(self) -> list[Segment]:
         """The segments the graph is cut into (one before the first site, then one per reusable cut)."""
         return list(self._segments)

@@ -168,7 +168,7 @@ def _group(gm: fx.GraphModule, info: dict[fx.Node, NodeInfo], ops: dict[fx.Node,
             level[node] = 1 + max((level[t] for t in merged), default=0)
             uf.find(node)
             tags[node] = frozenset([node])
-        elif node in info and info[node].is_tensor:
+        elif node in info and info[node].carries_tensor:
             tags[node] = merged
     groups: dict[fx.Node, list[fx.Node]] = {}
     for node in gm.graph.nodes:

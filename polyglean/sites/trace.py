@@ -91,6 +91,7 @@ class NodeInfo:
 
     shape: tuple[int, ...] | None = None  # for tensor outputs
     is_tensor: bool = False
+    carries_tensor: bool = False  # a tensor, or a tuple/list/dict holding one (e.g. the output of chunk)
     args: tuple[Any, ...] = ()  # actual argument values (only kept for call_function nodes)
     kwargs: dict[str, Any] = field(default_factory=dict)
     input_shape: tuple[int, ...] | None = None  # shape of the first tensor argument
@@ -108,6 +109,7 @@ class _Recorder(fx.Interpreter):
         info = NodeInfo()
         if isinstance(out, Tensor):
             info.shape, info.is_tensor = tuple(out.shape), True
+        info.carries_tensor = _carries_tensor(out)
         first = next((a for a in args if isinstance(a, Tensor)), None)
         if first is not None:
             info.input_shape = tuple(first.shape)
@@ -115,6 +117,16 @@ class _Recorder(fx.Interpreter):
             info.args, info.kwargs = tuple(args), dict(kwargs)
         self.info[n] = info
         return out
+
+
+def _carries_tensor(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_carries_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_carries_tensor(v) for v in value.values())
+    return False
 
 
 @torch.no_grad()

@@ -1,0 +1,64 @@
+"""Alternative downsampling layers: SoftPool, adaPool, BlurPool, PASA and APS.
+
+Each layer is a pure tensor function and a thin ``nn.Module`` over it. The 2-D Modules are registered by name in
+:data:`LAYERS` (``"softpool"``, ``"adapool"``, ``"blurpool"``, ``"pasa"``, ``"aps"``); :func:`get_layer` looks a
+name up and :func:`create_layer` instantiates it.
+
+Example:
+    >>> from polyglean.layers import create_layer
+    >>> create_layer("blurpool", filter_size=5)
+    BlurPool2d(filter_size=5, stride=(2, 2), pad_type='reflect')
+"""
+
+from polyglean.layers._registry import LAYERS, create_layer, get_layer, list_layers, register_layer
+from polyglean.layers.adapool import AdaPool2d, ada_pool2d, edscw_pool2d
+from polyglean.layers.aps import APS2d, aps_gather2d, aps_select2d, polyphase_components2d
+from polyglean.layers.blurpool import (
+    BlurPool1d,
+    BlurPool2d,
+    BlurPool3d,
+    binomial_filter,
+    blur_pool1d,
+    blur_pool2d,
+    blur_pool3d,
+)
+from polyglean.layers.pasa import PASA2d, pasa2d, pasa_weights
+from polyglean.layers.softpool import (
+    SoftPool1d,
+    SoftPool2d,
+    SoftPool3d,
+    soft_pool1d,
+    soft_pool2d,
+    soft_pool3d,
+)
+
+__all__ = [
+    "APS2d",
+    "LAYERS",
+    "PASA2d",
+    "AdaPool2d",
+    "BlurPool1d",
+    "BlurPool2d",
+    "BlurPool3d",
+    "SoftPool1d",
+    "SoftPool2d",
+    "SoftPool3d",
+    "ada_pool2d",
+    "aps_gather2d",
+    "aps_select2d",
+    "binomial_filter",
+    "blur_pool1d",
+    "blur_pool2d",
+    "blur_pool3d",
+    "create_layer",
+    "edscw_pool2d",
+    "get_layer",
+    "list_layers",
+    "pasa2d",
+    "pasa_weights",
+    "polyphase_components2d",
+    "register_layer",
+    "soft_pool1d",
+    "soft_pool2d",
+    "soft_pool3d",
+]
