@@ -99,6 +99,12 @@ class PhaseNet(nn.Module):
         self._sites = found.sites
         self._by_name = {s.name: s for s in found.sites}
         self._op_names = {name: s for s in found.sites for name in s.ops}
+        rh, rw = self.total_factor
+        if self.input_size[1] < rh or self.input_size[2] < rw:
+            raise ValueError(
+                f"input size {self.input_size[1]}x{self.input_size[2]} is smaller than the model's total reduction "
+                f"{rh}x{rw}; use an input of at least {rh}x{rw}"
+            )
         self._plan()
         self._build()
         self._flops: list[int] | None = None

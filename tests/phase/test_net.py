@@ -292,3 +292,25 @@ class TestDiscoveryRules:
         with torch.no_grad():
             assert torch.equal(net(x), model(x))
             assert net(x, phases={"layer2.0": (1, 1)}).dtype == torch.float64
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("depth", [20, 32, 44, 56])
+def test_cifar_presets_with_pretrained_weights(shared_data, monkeypatch: pytest.MonkeyPatch, depth: int) -> None:
+    """The CIFAR ResNets (option-A shortcuts subsample by slicing) with their real weights."""
+    from polyglean.models import load_model
+
+    monkeypatch.setenv("POLYGLEAN_DATA", str(shared_data))
+    model, preprocess = load_model(f"cifar10-resnet{depth}")
+    net = PhaseNet(model, input_size=preprocess.input_size)
+    assert [(s.name, s.factor) for s in net.sites] == [("layer2.0", (2, 2)), ("layer3.0", (2, 2))]
+    assert net.sites[0].ops == ("layer2.0.conv1", "layer2.0.shortcut.getitem")
+    assert net.total_factor == (4, 4)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        default = model(x)
+        assert torch.equal(net(x), default)
+        for phases in ({0: (1, 1)}, {0: (0, 1), 1: (1, 0)}):
+            out = net(x, phases=phases)
+            assert (out - default).abs().max() > 1e-3
+            torch.testing.assert_close(out, reference_forward(net, x, phases), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,1 @@
+"""The ``polyglean`` command line: one module per command."""

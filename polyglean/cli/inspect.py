@@ -1,0 +1,96 @@
+"""``polyglean inspect MODEL``: the subsampling sites of a model, what they discard and what a search there costs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from polyglean.phase.net import PhaseNet
+
+DEFAULT_MODEL = "imagenet-efficientnet-lite0"
+
+
+def add_parser(sub: Any, name: str) -> None:
+    p = sub.add_parser(
+        name,
+        help="list a model's subsampling sites",
+        description="Find the subsampling sites of a model by rule and show, for each: its ops, factor, input -> "
+        "output size, the share of activations the default phase discards, and the share of the model's FLOPs "
+        "from the site on (the cost of evaluating one more phase state there).",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"a preset, torchvision:NAME or timm:NAME (default: {DEFAULT_MODEL}); "
+                        "`polyglean inspect --list` shows the presets")
+    p.add_argument("--weights", help="checkpoint to load (state dict; loaded strictly)")
+    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
+                   help="spatial input size (default: the model's preprocessing size)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--list", action="store_true", help="list the model presets and exit")
+
+
+def describe(net: PhaseNet, model_name: str) -> dict[str, Any]:
+    """The site table of ``net`` as plain data (what ``--json`` prints)."""
+    flops = net.segment_flops()
+    total = sum(flops)
+    return {
+        "model": model_name,
+        "input_size": list(net.input_size),
+        "total_factor": list(net.total_factor),
+        "total_gflops": total / 1e9,
+        "sites": [
+            {
+                "index": s.index,
+                "name": s.name,
+                "ops": list(s.ops),
+                "factor": list(s.factor),
+                "level": s.level,
+                "in_size": list(s.in_size),
+                "out_size": list(s.out_size),
+                "discarded": s.discarded,
+                "flops_from_site": net.flops_from(s),
+            }
+            for s in net.sites
+        ],
+    }
+
+
+def format_table(info: dict[str, Any]) -> str:
+    c, h, w = info["input_size"]
+    lines = [f"{info['model']}  input {c}x{h}x{w}  {info['total_gflops']:.3f} GFLOPs  "
+             f"total reduction {info['total_factor'][0]}x{info['total_factor'][1]}"]
+    if not info["sites"]:
+        lines.append("no subsampling sites found: every layer keeps the full resolution, there is nothing to glean")
+        return "\n".join(lines)
+    rows = [("#", "site", "ops", "factor", "in -> out", "discarded", "FLOPs from site")]
+    for s in info["sites"]:
+        rows.append((
+            str(s["index"]), s["name"], ", ".join(s["ops"]), "{}x{}".format(*s["factor"]),
+            "{}x{} -> {}x{}".format(*s["in_size"], *s["out_size"]), f"{s['discarded']:.0%}",
+            f"{s['flops_from_site']:.1%}",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for k, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(wd) for cell, wd in zip(row, widths)).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * wd for wd in widths))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from polyglean.models import list_models, load_model
+
+    if args.list:
+        print("\n".join(list_models()))
+        print("or any torchvision:NAME / timm:NAME")
+        return 0
+    model, preprocess = load_model(args.model, args.weights)
+    size = preprocess.input_size
+    if args.input_size:
+        if min(args.input_size) < 1:
+            raise ValueError(f"--input-size must be positive, got {args.input_size}")
+        size = (size[0], *args.input_size)
+    net = PhaseNet(model, input_size=size)
+    info = describe(net, args.model)
+    print(json.dumps(info, indent=2) if args.json else format_table(info))
+    return 0

@@ -1,0 +1,60 @@
+"""Entry point of the ``polyglean`` command: dispatches to one module per command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from polyglean import __version__
+from polyglean.cli import inspect as inspect_cmd
+
+COMMANDS = {"inspect": inspect_cmd}
+
+# Errors that are the user's to fix: printed as one line, never as a traceback.
+try:
+    from polyglean.models import CheckpointError, WeightsUnavailableError
+
+    _USER_ERRORS: tuple[type[BaseException], ...] = (
+        ValueError, TypeError, FileNotFoundError, CheckpointError, WeightsUnavailableError,
+    )
+except ImportError:  # pragma: no cover
+    _USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polyglean",
+        description="Glean the activations that subsampling layers discard: inspect a model's subsampling sites, "
+        "run it at other phases, search and aggregate them.",
+    )
+    parser.add_argument("--version", action="version", version=f"polyglean {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in COMMANDS.items():
+        module.add_parser(sub, name)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from polyglean.sites import TraceError
+
+    try:
+        return int(COMMANDS[args.command].run(args) or 0)
+    except (*_USER_ERRORS, TraceError) as err:
+        print(f"polyglean {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

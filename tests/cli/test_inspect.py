@@ -1,0 +1,60 @@
+"""``polyglean inspect``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from polyglean.cli.inspect import format_table
+from polyglean.cli.main import main
+
+
+def test_json_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "torchvision:resnet18", "--input-size", "64", "64", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["input_size"] == [3, 64, 64] and info["total_factor"] == [32, 32]
+    names = [s["name"] for s in info["sites"]]
+    assert names == ["conv1", "maxpool", "layer2.0", "layer3.0", "layer4.0"]
+    shares = [s["flops_from_site"] for s in info["sites"]]
+    assert shares[0] == pytest.approx(1.0) and shares == sorted(shares, reverse=True)
+    assert all(s["discarded"] == pytest.approx(0.75) for s in info["sites"])
+    assert info["sites"][2]["in_size"] == [16, 16] and info["sites"][2]["out_size"] == [8, 8]
+
+
+def test_text_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "torchvision:mobilenet_v2", "--input-size", "64", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "features.2.conv.1.0" in out and "75%" in out and "total reduction 32x32" in out
+
+
+def test_default_model_is_offline_lite0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"] == "imagenet-efficientnet-lite0" and len(info["sites"]) == 5
+
+
+def test_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "torchvision:resnet18x"]) == 2
+    err = capsys.readouterr().err
+    assert "resnet18x" in err and "did you mean" in err and "Traceback" not in err
+
+
+def test_bad_input_size(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "torchvision:resnet18", "--input-size", "16", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "16x16 is smaller than the model's total reduction 32x32" in err
+
+
+def test_no_sites_message() -> None:
+    info = {"model": "m", "input_size": [3, 8, 8], "total_factor": [1, 1], "total_gflops": 0.0, "sites": []}
+    assert "no subsampling sites found" in format_table(info)
+
+
+@pytest.mark.data
+def test_cifar_preset(shared_data, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("POLYGLEAN_DATA", str(shared_data))
+    assert main(["inspect", "cifar10-resnet20", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [s["ops"] for s in info["sites"]] == [["layer2.0.conv1", "layer2.0.shortcut.getitem"],
+                                                  ["layer3.0.conv1", "layer3.0.shortcut.getitem"]]
