@@ -130,6 +130,29 @@ class PhaseNet(nn.Module):
         """Product of the site factors: the model's total reduction ``(R_h, R_w)``."""
         return (math.prod(s.factor[0] for s in self._sites), math.prod(s.factor[1] for s in self._sites))
 
+    @property
+    def head_segment(self) -> int | None:
+        """Index of the segment that maps the final feature map to the output (``None`` if not separable)."""
+        return self._head_segment
+
+    @property
+    def feature_dims(self) -> tuple[int, int]:
+        """Spatial dimensions of the final feature map: ``(-2, -1)`` (NCHW) or ``(1, 2)`` (channels-last)."""
+        return self._feature_dims
+
+    def head(self, features: Tensor) -> Any:
+        """Runs the head (everything after the final feature map) on ``features``.
+
+        Raises:
+            ValueError: the model's head cannot be separated from its features.
+        """
+        if self._head_segment is None:
+            raise ValueError(
+                f"the head of {type(self.model).__name__} cannot be separated from its features (no single final "
+                "feature map feeds it); aggregate over logits instead"
+            )
+        return self._programs[self._head_segment](features, [None] * len(self._sites))
+
     def site(self, key: str | int | Site) -> Site:
         """A site by name, index, or the name of one of its ops.
 
@@ -188,6 +211,12 @@ class PhaseNet(nn.Module):
         for c in sorted(set(first)):
             if c > cuts[-1] and reusable(live(c)):
                 cuts.append(c)
+        self._head_segment: int | None = None
+        self._feature_dims: tuple[int, int] = (-2, -1)
+        feature = self._feature_node(nodes, pos, info, batch, cuts[-1])
+        if feature is not None and live(pos[feature] + 1) == [feature]:
+            cuts.append(pos[feature] + 1)
+            self._head_segment = len(cuts) - 1
         self._nodes, self._pos, self._depends = nodes, pos, depends
         self._cuts = cuts
         self._live = [live(c) for c in cuts]
@@ -197,6 +226,23 @@ class PhaseNet(nn.Module):
                     tuple(n.name for n in self._live[i]))
             for i, c in enumerate(cuts)
         ]
+
+    def _feature_node(self, nodes: list[fx.Node], pos: dict[fx.Node, int], info: dict, batch: int,
+                      after: int) -> fx.Node | None:
+        """The final spatial feature map: the last batch tensor with a spatial extent (the head's input)."""
+        final = self._sites[-1].out_size if self._sites else None
+        for n in reversed(nodes):
+            if pos[n] < after:
+                return None
+            i = info.get(n)
+            if i is None or not i.is_tensor or len(i.shape) != 4 or i.shape[0] != batch:
+                continue
+            if final is not None and tuple(i.shape[1:3]) == tuple(final) and tuple(i.shape[2:]) != tuple(final):
+                self._feature_dims = (1, 2)  # channels-last (N, H, W, C)
+                return n
+            if i.shape[-1] * i.shape[-2] > 1:
+                return n
+        return None
 
     def _build(self) -> None:
         """Generates one GraphModule per segment, referencing the model's own modules and parameters."""
@@ -364,30 +410,30 @@ class PhaseNet(nn.Module):
 
     def run_to(self, x: Tensor, segment: int, phases: list[PhaseValue]) -> tuple[Tensor, ...]:
         """Runs segments ``0 .. segment - 1``; returns the values live at the start of ``segment``."""
-        values: tuple[Any, ...] = (x,)
-        for i in range(segment):
-            values = self._programs[i](*values, phases)
+        values, _ = self.run_from(0, (x,), phases, stop=segment)
         return values
 
-    def run_from(self, segment: int, values: tuple[Tensor, ...], phases: list[PhaseValue],
-                 keep: bool = False) -> tuple[Any, list[tuple[Tensor, ...]]]:
-        """Runs from ``segment`` to the output, starting from the values live at its start.
+    def run_from(self, segment: int, values: tuple[Tensor, ...], phases: list[PhaseValue], *,
+                 stop: int | None = None, keep: Iterable[int] = ()) -> tuple[Any, dict[int, tuple[Tensor, ...]]]:
+        """Runs segments ``segment .. stop - 1`` from the values live at the start of ``segment``.
 
         Args:
             segment: Index of the first segment to run.
             values: The values live at its start (from :meth:`run_to`, or kept from an earlier run).
             phases: One entry per site, as from :meth:`encode_phases` (batch size of ``values``).
-            keep: Also return the live values at the start of every later segment.
+            stop: Segment to stop before (default: run to the model output).
+            keep: Segments whose start values to return as well (for later reuse).
 
         Returns:
-            The model output, and the kept values of segments ``segment + 1 ..`` (empty unless ``keep``).
+            The model output (or the values live at ``stop``), and ``{segment: values}`` for ``keep``.
         """
-        kept: list[tuple[Tensor, ...]] = []
+        keep = set(keep)
+        kept: dict[int, tuple[Tensor, ...]] = {}
         out: Any = values
-        for i in range(segment, len(self._programs)):
+        for i in range(segment, len(self._programs) if stop is None else stop):
+            if i in keep:
+                kept[i] = out
             out = self._programs[i](*out, phases)
-            if keep and i + 1 < len(self._programs):
-                kept.append(out)
         return out, kept
 
     def all_phases(self, x: Tensor, site: str | int | Site, phases: Phases = None) -> Tensor:

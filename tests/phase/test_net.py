@@ -141,9 +141,11 @@ class TestPerImageAndAllPhases:
         seg = net.entry_segment("layer3.0")
         with torch.no_grad():
             values = net.run_to(x, seg, phases)
-            out, kept = net.run_from(seg, values, phases, keep=True)
+            out, kept = net.run_from(seg, values, phases, keep=range(seg + 1, len(net.segments)))
             assert torch.equal(out, net(x, phases={"layer3.0": (1, 1)}))
-        assert len(kept) == len(net.segments) - seg - 1
+            again, _ = net.run_from(seg + 1, kept[seg + 1], phases)
+            assert torch.equal(again, out)
+        assert sorted(kept) == list(range(seg + 1, len(net.segments)))
 
     def test_site_lookup(self, resnet: tuple) -> None:
         _, net = resnet

@@ -1,0 +1,354 @@
+"""Greedy best-first phase search with shared prefixes, batched over images, and aggregation of its candidates.
+
+Per image, the candidates start as the default state. A node is a state whose first ``d`` searched sites are fixed
+(the rest at phase 0). The best-scored node with ``d < M`` is expanded: its ``R² - 1`` children that differ at
+searched site ``d`` are evaluated (a forward from that site on, reusing the node's cached activations) and become
+candidates; the node itself now counts as fixed up to ``d + 1``. The search stops at ``budget`` candidates.
+
+All images advance in lock step; the children of every image are run as one batch that enters the network at the
+segment of the site where they differ (rows that start later join the batch there), so each segment runs once per
+step. Because a search with a larger budget makes exactly the same steps first, one search to the largest budget
+gives every smaller budget too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from polyglean.aggregate import AGGREGATORS, Aggregator, align, alignment_factor, displacement
+from polyglean.phase.net import PhaseNet
+from polyglean.search.criteria import CRITERIA, Criterion
+from polyglean.sites import Site
+
+__all__ = ["PhaseSearch", "SearchResult"]
+
+
+@dataclass
+class SearchResult:
+    """What one search over a batch produced.
+
+    Attributes:
+        logits: ``{budget: (N, K)}`` aggregated predictions per requested budget.
+        states: ``(N, B, L)`` flat phase indices of every candidate, in the order they were added.
+        scores: ``(N, B)`` the criterion's scores of the candidates.
+        shift: ``(N, B, 2)`` their displacements ``(Δy, Δx)``.
+        candidate_logits: ``(N, B, K)`` each candidate's own prediction.
+        states_evaluated: new states evaluated (all images; the default state is not counted).
+        flops: FLOPs executed, search and aggregation.
+        forward_flops: FLOPs of one plain forward of the batch.
+    """
+
+    logits: dict[int, Tensor]
+    states: Tensor
+    scores: Tensor
+    shift: Tensor
+    candidate_logits: Tensor
+    states_evaluated: int
+    flops: float
+    forward_flops: float
+    flops_by_budget: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def forward_equivalents(self) -> float:
+        """FLOPs executed over those of one plain forward."""
+        return self.flops / self.forward_flops if self.forward_flops else float("nan")
+
+    def forward_equivalents_at(self, budget: int) -> float:
+        """What a search stopping at ``budget`` costs, in plain forwards (FLOPs)."""
+        return self.flops_by_budget[budget] / self.forward_flops
+
+
+@dataclass
+class _Candidate:
+    state: tuple[int, ...]
+    depth: int
+    score: float
+    logits: Tensor
+    cache: dict[int, tuple[Tensor, ...]]
+    features: Tensor | None = None
+    cost: float = 0.0  # FLOPs spent evaluating this candidate
+
+
+def _resolve(registry: Any, value: Any, base: type) -> Any:
+    if isinstance(value, str):
+        return registry.get(value)()
+    if isinstance(value, base):
+        return value
+    raise TypeError(f"expected a name ({', '.join(registry.names())}) or a {base.__name__}, got {value!r}")
+
+
+class PhaseSearch:
+    """The paper's test-time method: search phase states greedily per image and aggregate them.
+
+    Args:
+        net: The :class:`PhaseNet` of a classifier.
+        budget: Number of distinct states aggregated, ``B >= 1``; ``B = 1`` is the plain model, bit for bit.
+        criterion: Search order: ``entropy``, ``random``, ``delta`` (or a :class:`Criterion`).
+        aggregate: ``mean`` or ``entropy`` (or an :class:`Aggregator`).
+        align: Align the candidates' final feature maps onto the default grid before aggregating them.
+        search_space: Sites to search (names or indices). Default: every site but the first and the last, or all
+            sites when that leaves none.
+        aggregate_on: ``"features"`` (final feature maps, then the head) or ``"logits"``.
+        seed: Seed of the random criterion.
+
+    Example:
+        >>> search = PhaseSearch(PhaseNet(model, (3, 224, 224)), budget=15)  # doctest: +SKIP
+        >>> logits = search(x)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        net: PhaseNet,
+        budget: int = 15,
+        criterion: str | Criterion = "entropy",
+        aggregate: str | Aggregator = "entropy",
+        align: bool = True,
+        search_space: Sequence[str | int] | None = None,
+        aggregate_on: str = "features",
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(net, PhaseNet):
+            raise TypeError(f"net must be a PhaseNet, got {type(net).__name__}")
+        if not net.sites:
+            raise ValueError(f"{type(net.model).__name__} has no subsampling sites: there are no phases to search")
+        self.net = net
+        self.criterion = _resolve(CRITERIA, criterion, Criterion)
+        self.aggregator = _resolve(AGGREGATORS, aggregate, Aggregator)
+        if aggregate_on not in ("features", "logits"):
+            raise ValueError(f"aggregate_on must be 'features' or 'logits', got {aggregate_on!r}")
+        if aggregate_on == "features" and net.head_segment is None:
+            net.head(torch.empty(0))  # raises the explanatory error
+        self.aggregate_on = aggregate_on
+        self.align = bool(align) and aggregate_on == "features"
+        self.seed = seed
+        self.search_space = self._space(search_space)
+        self.num_states = math.prod(s.num_phases for s in self.search_space)
+        self.budget = self._check_budget(budget)
+
+    def _space(self, search_space: Sequence[str | int] | None) -> list[Site]:
+        sites = self.net.sites
+        if search_space is None:
+            chosen = sites[1:-1] if len(sites) > 2 else sites
+        else:
+            if isinstance(search_space, (str, int)):
+                search_space = [search_space]
+            chosen = [self.net.site(k) for k in search_space]
+            if not chosen:
+                raise ValueError("the search space is empty; name at least one site")
+        chosen = sorted({s.index: s for s in chosen}.values(), key=lambda s: s.index)
+        return chosen
+
+    def _check_budget(self, budget: int) -> int:
+        if isinstance(budget, bool) or not isinstance(budget, int):
+            raise TypeError(f"budget must be an int, got {budget!r}")
+        if not 1 <= budget <= self.num_states:
+            raise ValueError(
+                f"budget {budget} out of range: the search space {[s.name for s in self.search_space]} has "
+                f"{self.num_states} states, so 1 <= budget <= {self.num_states}"
+            )
+        return budget
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Aggregated logits ``(N, K)`` at ``self.budget``."""
+        return self.run(x).logits[self.budget]
+
+    # ------------------------------------------------------------------------------------------------ the search
+    @torch.no_grad()
+    def run(self, x: Tensor, budgets: Iterable[int] | None = None) -> SearchResult:
+        """Searches every image of ``x`` up to the largest budget and aggregates at each budget.
+
+        Args:
+            x: Input batch ``(N, C, H, W)``.
+            budgets: Budgets to aggregate at (default: ``self.budget``); each ``<= self.budget``... or up to the
+                number of states; the search runs to the largest.
+        """
+        net = self.net
+        x = net.check_input(x)
+        wanted = sorted({self._check_budget(b) for b in (budgets or [self.budget])})
+        top = wanted[-1]
+        n = x.shape[0]
+        sites = net.sites
+        space = [s.index for s in self.search_space]
+        entry = [net.entry_segment(k) for k in space]
+        seg_flops = net.segment_flops()
+        stop = net.head_segment if self.aggregate_on == "features" else None
+        generator = torch.Generator().manual_seed(self.seed)
+        flops = 0.0
+
+        # The default state, kept at the entry of every searched site.
+        none: list[Any] = [None] * len(sites)
+        out, kept = net.run_from(0, (x,), none, stop=stop, keep=set(entry))
+        flops += n * sum(seg_flops[: stop if stop is not None else len(seg_flops)])
+        root_logits, root_features = self._finish(out)
+        if root_features is not None:
+            flops += n * seg_flops[net.head_segment]
+        zero = tuple([0] * len(sites))
+        root_shift = torch.zeros(n, 2, dtype=torch.long)
+        root_scores = self.criterion.score(root_logits, root_shift, generator)
+        cands: list[list[_Candidate]] = [
+            [_Candidate(zero, 0, float(root_scores[i]), root_logits[i],
+                        {seg: tuple(v[i:i + 1] for v in vals) for seg, vals in kept.items()},
+                        None if root_features is None else root_features[i:i + 1])]
+            for i in range(n)
+        ]
+        evaluated = 0
+        while True:
+            requests = self._select(cands, top, space, entry)
+            if not requests:
+                break
+            new = self._evaluate(requests, entry, stop, seg_flops)
+            flops += new["flops"]
+            evaluated += len(new["rows"])
+            shift = displacement(torch.tensor([r[1] for r in new["rows"]]), [s.factor for s in sites], space[0])
+            scores = self.criterion.score(new["logits"], shift, generator)
+            for row, (image, state, depth, cache) in enumerate(new["rows"]):
+                cands[image].append(_Candidate(state, depth, float(scores[row]), new["logits"][row], cache,
+                                               None if new["features"] is None else new["features"][row:row + 1],
+                                               new["costs"][row]))
+            if self.criterion.rescore:
+                self._rescore(cands, space[0], generator)
+        return self._aggregate(cands, wanted, space[0], flops, evaluated, n, root_logits)
+
+    def _finish(self, out: Any) -> tuple[Tensor, Tensor | None]:
+        """Logits (and the final feature maps) from a run that stopped before the head or ran to the output."""
+        if self.aggregate_on == "features":
+            features = out[0]
+            return self._as_logits(self.net.head(features)), features
+        return self._as_logits(out), None
+
+    @staticmethod
+    def _as_logits(out: Any) -> Tensor:
+        if not isinstance(out, Tensor) or out.dim() != 2:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"the search needs a classifier returning logits (N, K); the model returned {shape}")
+        return out
+
+    def _select(self, cands: list[list[_Candidate]], top: int, space: list[int], entry: list[int]
+                ) -> list[tuple[int, _Candidate, int, list[tuple[int, ...]]]]:
+        """For each image still short of ``top`` candidates: the node to expand and the children to evaluate."""
+        requests = []
+        m = len(space)
+        for image, pool in enumerate(cands):
+            if len(pool) >= top:
+                continue
+            open_nodes = [c for c in pool if c.depth < m]
+            if not open_nodes:
+                continue
+            node = min(open_nodes, key=lambda c: c.score)  # ties: the earliest candidate
+            k = node.depth
+            site = self.net.sites[space[k]]
+            count = min(site.num_phases - 1, top - len(pool))
+            children = []
+            for p in range(1, count + 1):
+                state = list(node.state)
+                state[space[k]] = p
+                children.append(tuple(state))
+            requests.append((image, node, k, children))
+            node.depth = k + 1
+            needed = {entry[j] for j in range(node.depth, m)}
+            for seg in [s for s in node.cache if s not in needed and s != entry[k]]:
+                del node.cache[seg]
+        return requests
+
+    def _evaluate(self, requests: list, entry: list[int], stop: int | None, seg_flops: list[int]) -> dict[str, Any]:
+        """Runs all children of one step as a wavefront over the segments; returns their logits and caches."""
+        net = self.net
+        m = len(entry)
+        rows: list[tuple[int, tuple[int, ...], int, dict[int, tuple[Tensor, ...]]]] = []
+        starts: list[int] = []
+        inputs: list[tuple[Tensor, ...]] = []
+        for image, node, k, children in requests:
+            start = entry[k]
+            later = {entry[j] for j in range(k + 1, m)}
+            for state in children:
+                cache = {start: node.cache[start]} if start in later else {}
+                rows.append((image, state, k + 1, cache))
+                starts.append(start)
+                inputs.append(node.cache[start])
+        for image, node, k, _ in requests:  # the expanded node no longer needs its cache at this site
+            if entry[k] not in {entry[j] for j in range(node.depth, m)}:
+                node.cache.pop(entry[k], None)
+        order = sorted(range(len(rows)), key=lambda r: starts[r])
+        rows = [rows[r] for r in order]
+        starts = [starts[r] for r in order]
+        inputs = [inputs[r] for r in order]
+        states = torch.tensor([r[1] for r in rows])
+        needed = [{entry[j] for j in range(r[2], m)} for r in rows]
+        last = stop if stop is not None else len(net.segments)
+        flops = 0.0
+        batch: tuple[Tensor, ...] | None = None
+        joined = 0
+        out: Any = None
+        for seg in range(starts[0], last):
+            fresh = [r for r in range(joined, len(rows)) if starts[r] == seg]
+            if fresh:
+                parts = [inputs[r] for r in fresh]
+                new_vals = tuple(torch.cat([p[t] for p in parts]) for t in range(len(parts[0])))
+                batch = new_vals if batch is None else tuple(torch.cat([a, b]) for a, b in zip(batch, new_vals))
+                joined += len(fresh)
+            phases = net.encode_phases(states[:joined], joined)
+            out, _ = net.run_from(seg, batch, phases, stop=seg + 1)
+            flops += joined * seg_flops[seg]
+            if seg + 1 < last:
+                batch = out
+                for r in range(joined):
+                    if seg + 1 in needed[r]:
+                        rows[r][3][seg + 1] = tuple(v[r:r + 1] for v in out)
+        assert joined == len(rows)
+        logits, features = self._finish(out)
+        head = seg_flops[net.head_segment] if features is not None else 0
+        flops += len(rows) * head
+        costs = [float(sum(seg_flops[start:last]) + head) for start in starts]
+        return {"rows": rows, "logits": logits, "features": features, "flops": flops, "costs": costs}
+
+    def _rescore(self, cands: list[list[_Candidate]], first: int, generator: torch.Generator) -> None:
+        sites = self.net.sites
+        for pool in cands:
+            logits = torch.stack([c.logits for c in pool])
+            shift = displacement(torch.tensor([c.state for c in pool]), [s.factor for s in sites], first)
+            scores = self.criterion.score(logits, shift, generator)
+            for c, s in zip(pool, scores.tolist()):
+                c.score = s
+
+    # -------------------------------------------------------------------------------------------- aggregation
+    def _aggregate(self, cands: list[list[_Candidate]], wanted: list[int], first: int, flops: float,
+                   evaluated: int, n: int, root_logits: Tensor) -> SearchResult:
+        net = self.net
+        sites = net.sites
+        states = torch.tensor([[c.state for c in pool] for pool in cands])
+        shift = displacement(states, [s.factor for s in sites], first)
+        logits = torch.stack([torch.stack([c.logits for c in pool]) for pool in cands])
+        scores = torch.tensor([[c.score for c in pool] for pool in cands])
+        seg_flops = net.segment_flops()
+        forward = float(n * sum(seg_flops))
+        values = logits
+        if self.aggregate_on == "features":
+            feats = torch.cat([torch.cat([c.features for c in pool]) for pool in cands])  # (N*B, ...)
+            if self.align:
+                factor = alignment_factor([s.factor for s in sites], first)
+                feats = align(feats, shift.reshape(-1, 2), factor, net.feature_dims)
+            values = feats.reshape(n, -1, *feats.shape[1:])
+        out: dict[int, Tensor] = {}
+        by_budget: dict[int, float] = {}
+        for b in wanted:
+            if b == 1:
+                out[b] = root_logits
+                by_budget[b] = forward
+                continue
+            combined = self.aggregator.combine(values[:, :b], logits[:, :b], shift[:, :b])
+            extra = 0.0
+            if self.aggregate_on == "features":
+                combined = self._as_logits(net.head(combined))
+                extra = n * seg_flops[net.head_segment]
+            out[b] = combined
+            # What a search stopping at b costs: the default forward, the first b - 1 children, the aggregation.
+            root = forward + (n * seg_flops[net.head_segment] if self.aggregate_on == "features" else 0)
+            by_budget[b] = root + sum(c.cost for pool in cands for c in pool[1:b]) + extra
+            flops += extra
+        return SearchResult(out, states, scores, shift, logits, evaluated, flops, forward, by_budget)
