@@ -14,6 +14,7 @@ gives every smaller budget too.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polyglean.aggregate import AGGREGATORS, Aggregator, align, alignment_factor, displacement
+from polyglean.aggregate import AGGREGATORS, Aggregator, alignment_factor, displacement
+from polyglean.aggregate import align as align_features
 from polyglean.phase.net import PhaseNet
 from polyglean.search.criteria import CRITERIA, Criterion
 from polyglean.sites import Site
@@ -53,6 +55,8 @@ class SearchResult:
     flops: float
     forward_flops: float
     flops_by_budget: dict[int, float] = field(default_factory=dict)
+    seconds_by_budget: dict[int, float] = field(default_factory=dict)
+    features: Tensor | None = None  # (N, B, ...) final feature maps, unaligned (feature aggregation only)
 
     @property
     def forward_equivalents(self) -> float:
@@ -170,6 +174,7 @@ class PhaseSearch:
         """
         net = self.net
         x = net.check_input(x)
+        started = time.perf_counter()
         wanted = sorted({self._check_budget(b) for b in (budgets or [self.budget])})
         top = wanted[-1]
         n = x.shape[0]
@@ -198,7 +203,12 @@ class PhaseSearch:
             for i in range(n)
         ]
         evaluated = 0
+        seconds: dict[int, float] = {}
         while True:
+            fewest = min(len(pool) for pool in cands)
+            for b in wanted:
+                if b not in seconds and fewest >= b:
+                    seconds[b] = time.perf_counter() - started
             requests = self._select(cands, top, space, entry)
             if not requests:
                 break
@@ -213,7 +223,8 @@ class PhaseSearch:
                                                new["costs"][row]))
             if self.criterion.rescore:
                 self._rescore(cands, space[0], generator)
-        return self._aggregate(cands, wanted, space[0], flops, evaluated, n, root_logits)
+        result = self._aggregate(cands, wanted, space[0], flops, evaluated, n, root_logits, seconds)
+        return result
 
     def _finish(self, out: Any) -> tuple[Tensor, Tensor | None]:
         """Logits (and the final feature maps) from a run that stopped before the head or ran to the output."""
@@ -318,7 +329,8 @@ class PhaseSearch:
 
     # -------------------------------------------------------------------------------------------- aggregation
     def _aggregate(self, cands: list[list[_Candidate]], wanted: list[int], first: int, flops: float,
-                   evaluated: int, n: int, root_logits: Tensor) -> SearchResult:
+                   evaluated: int, n: int, root_logits: Tensor, seconds: dict[int, float]) -> SearchResult:
+        """Aggregates at each budget; ``seconds[b]`` is when every image had ``b`` candidates (plus aggregation)."""
         net = self.net
         sites = net.sites
         states = torch.tensor([[c.state for c in pool] for pool in cands])
@@ -327,28 +339,40 @@ class PhaseSearch:
         scores = torch.tensor([[c.score for c in pool] for pool in cands])
         seg_flops = net.segment_flops()
         forward = float(n * sum(seg_flops))
-        values = logits
+        feats = None
         if self.aggregate_on == "features":
-            feats = torch.cat([torch.cat([c.features for c in pool]) for pool in cands])  # (N*B, ...)
-            if self.align:
-                factor = alignment_factor([s.factor for s in sites], first)
-                feats = align(feats, shift.reshape(-1, 2), factor, net.feature_dims)
-            values = feats.reshape(n, -1, *feats.shape[1:])
-        out: dict[int, Tensor] = {}
-        by_budget: dict[int, float] = {}
+            feats = torch.cat([torch.cat([c.features for c in pool]) for pool in cands])
+            feats = feats.reshape(n, -1, *feats.shape[1:])
+        result = SearchResult({}, states, scores, shift, logits, evaluated, flops, forward, {}, seconds, feats)
+        root = forward + (n * seg_flops[net.head_segment] if self.aggregate_on == "features" else 0)
         for b in wanted:
-            if b == 1:
-                out[b] = root_logits
-                by_budget[b] = forward
-                continue
-            combined = self.aggregator.combine(values[:, :b], logits[:, :b], shift[:, :b])
-            extra = 0.0
-            if self.aggregate_on == "features":
-                combined = self._as_logits(net.head(combined))
-                extra = n * seg_flops[net.head_segment]
-            out[b] = combined
+            tick = time.perf_counter()
+            result.logits[b] = self.combine(result, b) if b > 1 else root_logits
+            extra = n * seg_flops[net.head_segment] if (b > 1 and feats is not None) else 0
             # What a search stopping at b costs: the default forward, the first b - 1 children, the aggregation.
-            root = forward + (n * seg_flops[net.head_segment] if self.aggregate_on == "features" else 0)
-            by_budget[b] = root + sum(c.cost for pool in cands for c in pool[1:b]) + extra
-            flops += extra
-        return SearchResult(out, states, scores, shift, logits, evaluated, flops, forward, by_budget)
+            children = sum(c.cost for pool in cands for c in pool[1:b])
+            result.flops_by_budget[b] = forward if b == 1 else root + children + extra
+            result.flops += extra
+            seconds[b] += time.perf_counter() - tick
+        return result
+
+    @torch.no_grad()
+    def combine(self, result: SearchResult, budget: int, aggregate: str | Aggregator | None = None,
+                align: bool | None = None) -> Tensor:
+        """Aggregates the first ``budget`` candidates of ``result`` (another aggregator or alignment may be given,
+        so that one search serves several aggregation variants)."""
+        aggregator = self.aggregator if aggregate is None else _resolve(AGGREGATORS, aggregate, Aggregator)
+        do_align = self.align if align is None else bool(align)
+        if budget == 1:
+            return result.candidate_logits[:, 0]
+        logits, shift = result.candidate_logits[:, :budget], result.shift[:, :budget]
+        if result.features is None:
+            return aggregator.combine(logits, logits, shift)
+        feats = result.features[:, :budget]
+        if do_align:
+            first = self.search_space[0].index
+            factor = alignment_factor([s.factor for s in self.net.sites], first)
+            flat = align_features(feats.flatten(0, 1), shift.reshape(-1, 2), factor, self.net.feature_dims)
+            feats = flat.reshape(feats.shape)
+        return self._as_logits(self.net.head(aggregator.combine(feats, logits, shift)))
+
