@@ -106,7 +106,9 @@ class KeyMap:
                 raise CheckpointError(f"key map renames two checkpoint keys to {new!r} (the second is {key!r})")
             out[new] = value
         if unmatched:
-            raise CheckpointError(f"{len(unmatched)} checkpoint key(s) match no rule of the key map: {_first(unmatched)}")
+            raise CheckpointError(
+                f"{len(unmatched)} checkpoint key(s) match no rule of the key map: {_first(unmatched)}"
+            )
         return out
 
 
@@ -189,7 +191,8 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s): {_first(unexpected)}")
         if mismatched:
-            shown = "; ".join(mismatched[:_SHOW]) + (f"; ... ({len(mismatched) - _SHOW} more)" if len(mismatched) > _SHOW else "")
+            more = len(mismatched) - _SHOW
+            shown = "; ".join(mismatched[:_SHOW]) + (f"; ... ({more} more)" if more > 0 else "")
             parts.append(f"{len(mismatched)} shape mismatch(es): {shown}")
         parts.append("Hint: is this the right architecture (and number of classes) for these weights?")
         raise CheckpointError("\n  ".join(parts))

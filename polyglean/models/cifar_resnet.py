@@ -95,7 +95,8 @@ class BasicBlock(nn.Module):
         if stride != 1 or in_planes != planes:
             if stride != 2 or planes != 2 * in_planes:
                 raise ValueError(
-                    f"option-A shortcut needs stride 2 and doubled channels, got stride {stride}, {in_planes} -> {planes}"
+                    "option-A shortcut needs stride 2 and doubled channels, "
+                    f"got stride {stride}, {in_planes} -> {planes}"
                 )
             self.shortcut = ShortcutA(planes // 4)
         else:
@@ -105,6 +106,13 @@ class BasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + self.shortcut(x))
+
+
+def _make_stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    """``blocks`` basic blocks, the first with ``stride`` and ``in_planes -> planes`` channels."""
+    layers = [BasicBlock(in_planes, planes, stride)]
+    layers += [BasicBlock(planes, planes, 1) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
 
 
 class CifarResNet(nn.Module):
@@ -121,25 +129,17 @@ class CifarResNet(nn.Module):
 
     def __init__(self, num_blocks: tuple[int, int, int], *, num_classes: int = 10) -> None:
         super().__init__()
-        self.in_planes = 16
         self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU()
-        self.layer1 = self._make_layer(16, num_blocks[0], stride=1)
-        self.layer2 = self._make_layer(32, num_blocks[1], stride=2)
-        self.layer3 = self._make_layer(64, num_blocks[2], stride=2)
+        self.layer1 = _make_stage(16, 16, num_blocks[0], stride=1)
+        self.layer2 = _make_stage(16, 32, num_blocks[1], stride=2)
+        self.layer3 = _make_stage(32, 64, num_blocks[2], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(64, num_classes)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
-
-    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        layers = []
-        for s in [stride] + [1] * (blocks - 1):
-            layers.append(BasicBlock(self.in_planes, planes, s))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))

@@ -22,7 +22,7 @@ from torch import nn
 from polyglean.models.checkpoint import STRIP_MODULE, load_checkpoint
 from polyglean.models.hub import WeightsUnavailableError
 from polyglean.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from polyglean.models.registry import _PRESETS, list_models
+from polyglean.models.registry import get_preset, list_models
 
 __all__ = ["load_model"]
 
@@ -38,7 +38,7 @@ def _how_to_name() -> str:
 
 def _suggest(name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
-    return f"; did you mean {', '.join(close)}?" if close else ""
+    return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 def _offline_error(spec: str, exc: BaseException) -> WeightsUnavailableError:
@@ -53,7 +53,10 @@ def _torchvision_model(name: str, spec: str, *, pretrained: bool) -> tuple[nn.Mo
 
     known = tvm.list_models(module=tvm)
     if name not in known:
-        raise ValueError(f"unknown torchvision classification model {name!r}{_suggest(name, known)}")
+        raise ValueError(
+            f"unknown torchvision classification model {name!r}{_suggest(name, known)}; "
+            "see torchvision.models.list_models(module=torchvision.models)"
+        )
     default = tvm.get_model_weights(name).DEFAULT
     try:
         model = tvm.get_model(name, weights=default if pretrained else None)
@@ -75,7 +78,7 @@ def _timm_model(name: str, spec: str, *, pretrained: bool) -> tuple[nn.Module, P
     import timm
 
     if not timm.is_model(name):
-        raise ValueError(f"unknown timm model {name!r}{_suggest(name, timm.list_models())}")
+        raise ValueError(f"unknown timm model {name!r}{_suggest(name, timm.list_models())}; see timm.list_models()")
     try:
         model = timm.create_model(name, pretrained=pretrained)
     except _NETWORK_ERRORS as exc:
@@ -119,11 +122,11 @@ def load_model(
         model, preprocess = builders[source](name, spec, pretrained=pretrained and weights is None)
         if weights is not None:
             load_checkpoint(model, weights, key_map=STRIP_MODULE)
-    elif spec in _PRESETS:
-        preset = _PRESETS[spec]
+    elif spec in list_models():
+        preset = get_preset(spec)
         model = preset.builder()
         load_checkpoint(model, preset.default_weights() if weights is None else weights, key_map=preset.key_map)
         preprocess = preset.preprocess()
     else:
-        raise ValueError(f"unknown model spec {spec!r}{_suggest(spec, list_models())}; {_how_to_name()}")
+        raise ValueError(f"unknown model spec {spec!r}; {_how_to_name()}{_suggest(spec, list_models())}")
     return model.eval(), preprocess

