@@ -1,6 +1,9 @@
 """polyglean: better test-time predictions by gleaning the activations subsampling layers discard."""
 
+from polyglean.layers import swap, swap_key_map
+from polyglean.models import list_models, load_model
 from polyglean.phase.net import PhaseNet, Phases
+from polyglean.search import PhaseSearch, SearchResult
 from polyglean.sites import (
     PhaseOp,
     Site,
@@ -16,12 +19,18 @@ __version__ = "0.1.0"
 __all__ = [
     "PhaseNet",
     "PhaseOp",
+    "PhaseSearch",
+    "SearchResult",
     "Phases",
     "Site",
     "TraceError",
     "UnsupportedOpError",
     "__version__",
     "discover",
+    "list_models",
+    "load_model",
     "register_function_op",
     "register_module_op",
+    "swap",
+    "swap_key_map",
 ]

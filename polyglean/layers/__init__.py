@@ -2,7 +2,7 @@
 
 Each layer is a pure tensor function and a thin ``nn.Module`` over it. The 2-D Modules are registered by name in
 :data:`LAYERS` (``"softpool"``, ``"adapool"``, ``"blurpool"``, ``"pasa"``, ``"aps"``); :func:`get_layer` looks a
-name up and :func:`create_layer` instantiates it.
+name up and :func:`create_layer` instantiates it; :func:`swap` rewrites a model's subsampling ops to one of them.
 
 Example:
     >>> from polyglean.layers import create_layer
@@ -23,6 +23,7 @@ from polyglean.layers.blurpool import (
     blur_pool3d,
 )
 from polyglean.layers.pasa import PASA2d, pasa2d, pasa_weights
+from polyglean.layers.swap import SWAP_RULES, SwapSequential, register_swap_rule, swap, swap_key_map
 from polyglean.layers.softpool import (
     SoftPool1d,
     SoftPool2d,
@@ -42,7 +43,9 @@ __all__ = [
     "BlurPool3d",
     "SoftPool1d",
     "SoftPool2d",
+    "SWAP_RULES",
     "SoftPool3d",
+    "SwapSequential",
     "ada_pool2d",
     "aps_gather2d",
     "aps_select2d",
@@ -58,7 +61,10 @@ __all__ = [
     "pasa_weights",
     "polyphase_components2d",
     "register_layer",
+    "register_swap_rule",
     "soft_pool1d",
     "soft_pool2d",
     "soft_pool3d",
+    "swap",
+    "swap_key_map",
 ]

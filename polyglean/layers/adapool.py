@@ -126,6 +126,7 @@ def ada_pool2d(
         if isinstance(beta, bool) or not isinstance(beta, (int, float)):
             raise TypeError(f"beta must be a float or a tensor, got {type(beta).__name__}")
         beta = torch.tensor(float(beta), dtype=x.dtype, device=x.device)
+    beta = beta.to(dtype=x.dtype, device=x.device)  # the output keeps the dtype of x
     with torch.no_grad():
         out_of_range = bool(((beta < 0) | (beta > 1) | beta.isnan()).any())
     if out_of_range:

@@ -161,7 +161,10 @@ class _SoftPoolNd(nn.Module):
         return soft_pool_nd(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, dims=self.dims)
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, ceil_mode={self.ceil_mode}"
+        return (
+            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+            f"ceil_mode={self.ceil_mode}"
+        )
 
 
 class SoftPool1d(_SoftPoolNd):

@@ -1,0 +1,26 @@
+"""``polyglean bench`` (a smoke test: timings are measured by the command, never asserted here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from polyglean.cli.main import main
+
+
+def test_bench_writes_ratios(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "b.json"
+    assert main(["bench", "--model", "torchvision:resnet18", "--budget", "4", "--batch-size", "1",
+                 "--input-size", "64", "64", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["flop_ratio_without_reuse"] == 4.0
+    assert 1.0 < result["flop_ratio"] < 4.0
+    assert result["time_ratio"] > 0 and result["machine"]["torch"]
+    assert "time ratio" in capsys.readouterr().out
+
+
+def test_bench_bad_budget(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--budget", "0", "--input-size", "64", "64"]) == 2
+    assert "budget 0 out of range" in capsys.readouterr().err
