@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from polyglean.phase.functional import output_size
+
 __all__ = [
     "check_input",
     "check_pool_args",
@@ -76,14 +78,7 @@ def pool_out_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: 
 
     In ``ceil_mode`` the last window must start inside the input or the left padding, as in ``F.avg_pool2d``.
     """
-    span = size + 2 * padding - kernel
-    if ceil_mode:
-        out = -(-span // stride) + 1
-        if (out - 1) * stride >= size + padding:
-            out -= 1
-    else:
-        out = span // stride + 1
-    return out
+    return output_size(size, 2 * padding, kernel, stride, 1, ceil_mode, padding)
 
 
 def check_pool_args(

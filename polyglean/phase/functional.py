@@ -34,6 +34,7 @@ __all__ = [
     "conv2d_phase",
     "conv_padding",
     "max_pool2d_phase",
+    "output_size",
     "same_padding",
     "shift2d",
     "slice_phase",
@@ -115,8 +116,8 @@ def _window(
     return padded[..., dy:dy + needed[0], dx:dx + needed[1]]
 
 
-def _out_size(size: int, pad_total: int, kernel: int, stride: int, dilation: int, ceil_mode: bool,
-              pad_before: int) -> int:
+def output_size(size: int, pad_total: int, kernel: int, stride: int, dilation: int, ceil_mode: bool,
+                pad_before: int) -> int:
     """Output length of a PyTorch conv/pool along one dimension (with the ``ceil_mode`` correction)."""
     span = size + pad_total - dilation * (kernel - 1) - 1
     if ceil_mode:
@@ -173,8 +174,8 @@ def conv2d_phase(
     pads = explicit_padding if explicit_padding is not None else conv_padding(padding, k, d)
     check_phase(phase, s)
     pl, pr, pt, pb = pads
-    out_h = _out_size(x.shape[-2], pt + pb, k[0], s[0], d[0], False, pt)
-    out_w = _out_size(x.shape[-1], pl + pr, k[1], s[1], d[1], False, pl)
+    out_h = output_size(x.shape[-2], pt + pb, k[0], s[0], d[0], False, pt)
+    out_w = output_size(x.shape[-1], pl + pr, k[1], s[1], d[1], False, pl)
     needed = ((out_h - 1) * s[0] + d[0] * (k[0] - 1) + 1, (out_w - 1) * s[1] + d[1] * (k[1] - 1) + 1)
     mode = "constant" if padding_mode == "zeros" else padding_mode
     window = _window(x, pads, 0.0, phase, needed, mode)
@@ -218,8 +219,8 @@ def max_pool2d_phase(
         ph, pw = as_pair(padding, "padding")
         pads = (pw, pw, ph, ph)
     pl, pr, pt, pb = pads
-    out_h = _out_size(x.shape[-2], pt + pb, k[0], s[0], d[0], ceil_mode, pt)
-    out_w = _out_size(x.shape[-1], pl + pr, k[1], s[1], d[1], ceil_mode, pl)
+    out_h = output_size(x.shape[-2], pt + pb, k[0], s[0], d[0], ceil_mode, pt)
+    out_w = output_size(x.shape[-1], pl + pr, k[1], s[1], d[1], ceil_mode, pl)
     needed = ((out_h - 1) * s[0] + d[0] * (k[0] - 1) + 1, (out_w - 1) * s[1] + d[1] * (k[1] - 1) + 1)
     window = _window(x, pads, float("-inf"), phase, needed)
     return F.max_pool2d(window, k, s, 0, d, False)
@@ -252,8 +253,8 @@ def avg_pool2d_phase(
     check_phase(phase, s)
     ph, pw = as_pair(padding, "padding")
     pads = (pw, pw, ph, ph)
-    out_h = _out_size(x.shape[-2], 2 * ph, k[0], s[0], 1, ceil_mode, ph)
-    out_w = _out_size(x.shape[-1], 2 * pw, k[1], s[1], 1, ceil_mode, pw)
+    out_h = output_size(x.shape[-2], 2 * ph, k[0], s[0], 1, ceil_mode, ph)
+    out_w = output_size(x.shape[-1], 2 * pw, k[1], s[1], 1, ceil_mode, pw)
     needed = ((out_h - 1) * s[0] + k[0], (out_w - 1) * s[1] + k[1])
     sums = F.avg_pool2d(_window(x, pads, 0.0, phase, needed), k, s, 0, False, True, 1)
     if divisor_override:
