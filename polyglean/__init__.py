@@ -1,5 +1,6 @@
 """polyglean: better test-time predictions by gleaning the activations subsampling layers discard."""
 
+from polyglean.aggregate import AttentionAggregator, load_aggregator
 from polyglean.layers import swap, swap_key_map
 from polyglean.models import list_models, load_model
 from polyglean.phase.net import PhaseNet, Phases
@@ -17,6 +18,7 @@ from polyglean.sites import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionAggregator",
     "PhaseNet",
     "PhaseOp",
     "PhaseSearch",
@@ -28,6 +30,7 @@ __all__ = [
     "__version__",
     "discover",
     "list_models",
+    "load_aggregator",
     "load_model",
     "register_function_op",
     "register_module_op",

@@ -1,4 +1,4 @@
-"""Alignment of candidate feature maps and the aggregators that combine candidates."""
+"""Alignment of candidate feature maps and the aggregators that combine candidates (mean, entropy, learned)."""
 
 from polyglean.aggregate.aggregators import (
     AGGREGATORS,
@@ -8,6 +8,15 @@ from polyglean.aggregate.aggregators import (
     normalized_entropy,
 )
 from polyglean.aggregate.align import align, alignment_factor, displacement
+from polyglean.aggregate.learned import (
+    AggregatorCheckpointError,
+    AttentionAggregator,
+    load_aggregator,
+    model_fingerprint,
+    save_aggregator,
+    shipped_aggregator,
+)
 
-__all__ = ["AGGREGATORS", "Aggregator", "EntropyAggregator", "MeanAggregator", "align", "alignment_factor",
-           "displacement", "normalized_entropy"]
+__all__ = ["AGGREGATORS", "Aggregator", "AggregatorCheckpointError", "AttentionAggregator", "EntropyAggregator",
+           "MeanAggregator", "align", "alignment_factor", "displacement", "load_aggregator", "model_fingerprint",
+           "normalized_entropy", "save_aggregator", "shipped_aggregator"]

@@ -47,6 +47,9 @@ def add_parser(sub: Any, name: str) -> None:
     p.add_argument("--aggregate", default="entropy",
                    help=f"one or more, comma-separated, from: {', '.join(AGGREGATORS.names())} (default entropy); "
                         "all come from the same search")
+    p.add_argument("--aggregator", metavar="PATH",
+                   help="trained learned aggregator for --aggregate learned / --criterion learned (default: the one "
+                        "shipped for the preset, if any)")
     p.add_argument("--aggregate-on", default="features", choices=["features", "logits"])
     p.add_argument("--no-align", action="store_true", help="aggregate feature maps without aligning them")
     p.add_argument("--align-both", action="store_true", help="report every aggregate with and without alignment")
@@ -54,11 +57,16 @@ def add_parser(sub: Any, name: str) -> None:
                    help="sites to search, by name or index (default: all but the first and last)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, help="evaluate only the first N images (evenly spread over the classes)")
+    p.add_argument("--subset", help="START:STOP of a fixed shuffled order of the images (e.g. 650: for the half of "
+                                    "imagenet-val1300 an aggregator was not trained on)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
     p.add_argument("--workers", type=int, default=1, help="data-loading worker processes")
     p.add_argument("--json", dest="json_out", help="write the results here (atomically)")
     p.add_argument("--plot", help="write a figure of accuracy against budget and against cost (PNG)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from polyglean.cli import eval_tta
+
+    eval_tta.add_arguments(p)
 
 
 def machine() -> dict[str, Any]:
@@ -74,7 +82,7 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "commit": commit,
     }
 
@@ -123,7 +131,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from polyglean.data import DataError, ImageDataset, limit_dataset
+    from polyglean.data import DataError, ImageDataset, limit_dataset, parse_subset, subset_dataset
     from polyglean.models import load_model
     from polyglean.phase.net import PhaseNet
     from polyglean.search import PhaseSearch
@@ -140,16 +148,26 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     aligns = [True, False] if args.align_both else [not args.no_align]
     if args.aggregate_on == "logits":
         aligns = [False]
-    variants = [(a, al) for a in aggregates for al in aligns]
     model, preprocess = load_model(args.model, args.weights, pretrained=args.pretrained)
     net = PhaseNet(model, input_size=preprocess.input_size)
     top = args.budgets[-1]
-    search = PhaseSearch(net, budget=top, criterion=args.criterion, aggregate=aggregates[0],
+    learned = None
+    if "learned" in aggregates or args.criterion == "learned":
+        learned = _learned_aggregator(args, model, net)
+        aligns = [al for al in aligns if al == learned.meta["align"]] or [learned.meta["align"]]
+    variants = [(a, al) for a in aggregates for al in aligns]
+    by_name = {a: (learned if a == "learned" else a) for a in aggregates}
+    first = learned if args.criterion == "learned" else by_name[variants[0][0]]
+    search = PhaseSearch(net, budget=top, criterion=args.criterion, aggregate=first,
                          align=aligns[0], search_space=args.search_space, aggregate_on=args.aggregate_on,
                          seed=args.seed)
+    if learned is not None:  # the displacement code is only meaningful for the search space it was trained with
+        _check_learned(learned, [s.name for s in search.search_space], str(args.aggregator or args.model))
     with torch.no_grad():
         num_classes = model(torch.zeros(1, *preprocess.input_size)).shape[-1]
     dataset = ImageDataset(args.data, preprocess, num_classes=num_classes)
+    if args.subset:
+        dataset = subset_dataset(dataset, *parse_subset(args.subset))
     dataset = limit_dataset(dataset, args.limit, spread=True)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
     logits: dict[tuple[str, bool, int], list[torch.Tensor]] = {(a, al, b): [] for a, al in variants
@@ -166,8 +184,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         result = search.run(x, budgets=args.budgets)
         for b in args.budgets:
             for a, al in variants:
-                same = (a, al) == variants[0]
-                out = result.logits[b] if same else search.combine(result, b, a, al)
+                same = (a, al) == (variants[0][0], aligns[0]) and by_name[a] is first
+                out = result.logits[b] if same else search.combine(result, b, by_name[a], al)
                 logits[(a, al, b)].append(out.float())
             seconds[b] += result.seconds_by_budget[b]
             flops[b] += result.flops_by_budget[b]
@@ -194,12 +212,34 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             "criterion": args.criterion, "aggregate": aggregates, "aggregate_on": args.aggregate_on,
             "align": aligns, "search_space": [s.name for s in search.search_space],
             "sites": [s.name for s in net.sites], "batch_size": args.batch_size, "limit": args.limit,
-            "seed": args.seed,
+            "seed": args.seed, "subset": args.subset,
+            "aggregator": None if learned is None else {"path": learned.meta.get("path"),
+                                                        "training": learned.meta.get("training")},
         },
         "machine": machine(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "results": results,
     }
+
+
+def _learned_aggregator(args: argparse.Namespace, model: torch.nn.Module, net: Any) -> Any:
+    """The trained aggregator named by ``--aggregator``, or the one shipped for the preset."""
+    from polyglean.aggregate import load_aggregator, model_fingerprint, shipped_aggregator
+
+    path = args.aggregator or shipped_aggregator(args.model)
+    if path is None:
+        raise ValueError(f"no trained aggregator ships for {args.model!r}: train one with `polyglean "
+                         "train-aggregator` and pass it with --aggregator PATH")
+    module = load_aggregator(path, model=args.model, fingerprint=model_fingerprint(model))
+    module.meta = {**module.meta, "path": str(path)}
+    return module
+
+
+def _check_learned(module: Any, space: list[str], name: str) -> None:
+    trained = list(module.meta.get("search_space", []))
+    if trained[:1] != space[:1]:
+        raise ValueError(f"aggregator {name!r} was trained with the search space {trained}; its displacement code "
+                         f"does not fit the search space {space} (pass --search-space {' '.join(trained)})")
 
 
 def format_results(payload: dict[str, Any]) -> str:
@@ -218,6 +258,10 @@ def format_results(payload: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from polyglean.cli import eval_tta
+
+    if eval_tta.wants_tta(args):  # image-space TTA, alone and over the phase search
+        return eval_tta.run(args)
     payload = evaluate(args)
     print(format_results(payload))
     if args.json_out:

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
-from polyglean.data.datasets import IMAGE_EXTENSIONS, DataError, ImageDataset, limit_dataset
+from polyglean.data.datasets import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    ImageDataset,
+    limit_dataset,
+    parse_subset,
+    subset_dataset,
+)
 
-__all__ = ["IMAGE_EXTENSIONS", "DataError", "ImageDataset", "limit_dataset"]
+__all__ = ["IMAGE_EXTENSIONS", "DataError", "ImageDataset", "limit_dataset", "parse_subset", "subset_dataset"]

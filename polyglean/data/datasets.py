@@ -200,3 +200,46 @@ def limit_dataset(dataset: Dataset[Any], limit: int | None, *, spread: bool = Fa
     else:
         indices = range(limit)
     return Subset(dataset, list(indices))
+
+
+def parse_subset(text: str) -> tuple[int, int]:
+    """Parses ``"START:STOP"`` (either may be empty) for :func:`subset_dataset`.
+
+    Raises:
+        ValueError: not of that form, negative, or empty.
+    """
+    start_s, sep, stop_s = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        start = int(start_s) if start_s.strip() else 0
+        stop = int(stop_s) if stop_s.strip() else -1
+    except ValueError:
+        raise ValueError(f"a subset is START:STOP (e.g. 0:20000 or 650:), got {text!r}") from None
+    if start < 0 or (stop != -1 and stop <= start):
+        raise ValueError(f"subset {text!r} is empty or negative; need 0 <= START < STOP")
+    return start, stop
+
+
+def subset_dataset(dataset: Dataset[Any], start: int, stop: int = -1, *, seed: int = 0) -> Dataset[Any]:
+    """Samples ``start:stop`` of a fixed shuffled order of ``dataset``: disjoint ranges give disjoint subsets.
+
+    The order is ``torch.randperm(len(dataset))`` with a fixed ``seed``, so every range is spread over the classes
+    and the same range is the same images on every machine (e.g. ``0:20000`` to train and ``20000:22000`` to
+    validate; ``0:650`` and ``650:`` for the two halves of 1,300 images).
+
+    Args:
+        dataset: a map-style data set with ``__len__``.
+        start: first position in the shuffled order.
+        stop: one past the last position (``-1``: the end).
+        seed: seed of the order.
+
+    Raises:
+        ValueError: the range lies outside the data set.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    stop = n if stop == -1 else stop
+    if not 0 <= start < stop <= n:
+        raise ValueError(f"subset {start}:{stop} is outside a data set of {n} images")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, order[start:stop].tolist())

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from polyglean.aggregate.aggregators import normalized_entropy
 from polyglean.registry import Registry
 
-__all__ = ["CRITERIA", "Criterion", "DeltaCriterion", "EntropyCriterion", "RandomCriterion"]
+__all__ = ["CRITERIA", "Criterion", "DeltaCriterion", "EntropyCriterion", "LearnedCriterion", "RandomCriterion"]
 
 
 class Criterion:
@@ -16,7 +18,9 @@ class Criterion:
 
     ``score(logits, shift, generator)`` scores new candidates once, when they are created. A criterion whose
     scores depend on the other candidates (e.g. attention they receive) sets ``rescore = True`` and is called on
-    all of an image's candidates after each expansion, so the queue always orders by current scores.
+    all of an image's candidates after each expansion, so the queue always orders by current scores. A criterion
+    with ``needs_features = True`` then also gets the candidates' final feature maps (aligned if the search aligns)
+    as ``features=(M, ...)``.
 
     Shape:
         - logits: ``(M, K)``
@@ -25,6 +29,7 @@ class Criterion:
     """
 
     rescore: bool = False
+    needs_features: bool = False
 
     def score(self, logits: Tensor, shift: Tensor, generator: torch.Generator) -> Tensor:
         raise NotImplementedError
@@ -55,3 +60,30 @@ class DeltaCriterion(Criterion):
 
     def score(self, logits: Tensor, shift: Tensor, generator: torch.Generator) -> Tensor:
         return shift.sum(-1).float()
+
+
+@CRITERIA.register("learned")
+class LearnedCriterion(Criterion):
+    """``1 / mean attention received`` in the learned aggregator: the candidates the others attend to most are
+    expanded first. It rescores every candidate of an image after each expansion.
+
+    Args:
+        module: The trained :class:`~polyglean.aggregate.learned.AttentionAggregator`; when ``None``, the search binds
+            the one it aggregates with.
+    """
+
+    rescore = True
+    needs_features = True
+
+    def __init__(self, module: Any = None) -> None:
+        self.module = module
+
+    def score(self, logits: Tensor, shift: Tensor, generator: torch.Generator,
+              features: Tensor | None = None) -> Tensor:
+        if features is None:  # scored again with the features right after the expansion
+            return torch.zeros(logits.shape[0])
+        if self.module is None:
+            raise ValueError("the learned criterion has no aggregator module; use aggregate='learned' or pass "
+                             "LearnedCriterion(module)")
+        _, received = self.module.attend(features[None], shift[None])
+        return 1.0 / received[0].clamp_min(1e-12)

@@ -77,11 +77,17 @@ class _Candidate:
     cache: dict[int, tuple[Tensor, ...]]
     features: Tensor | None = None
     cost: float = 0.0  # FLOPs spent evaluating this candidate
+    aligned: Tensor | None = None  # features on the default grid, kept for a criterion that reads features
 
 
 def _resolve(registry: Any, value: Any, base: type) -> Any:
     if isinstance(value, str):
-        return registry.get(value)()
+        kind = registry.get(value)
+        if getattr(kind, "requires_training", False):
+            raise ValueError(
+                f"the {value!r} {registry.kind} is a trained module: pass it as an object, e.g. "
+                "polyglean.load_aggregator(PATH) (train one with `polyglean train-aggregator`)")
+        return kind()
     if isinstance(value, base):
         return value
     raise TypeError(f"expected a name ({', '.join(registry.names())}) or a {base.__name__}, got {value!r}")
@@ -93,8 +99,10 @@ class PhaseSearch:
     Args:
         net: The :class:`PhaseNet` of a classifier.
         budget: Number of distinct states aggregated, ``B >= 1``; ``B = 1`` is the plain model, bit for bit.
-        criterion: Search order: ``entropy``, ``random``, ``delta`` (or a :class:`Criterion`).
-        aggregate: ``mean`` or ``entropy`` (or an :class:`Aggregator`).
+        criterion: Search order: ``entropy``, ``random``, ``delta``, ``learned`` (needs a learned aggregator),
+            or a :class:`Criterion`.
+        aggregate: ``mean`` or ``entropy``, or an :class:`Aggregator` object such as a trained
+            :class:`~polyglean.aggregate.learned.AttentionAggregator` (:func:`~polyglean.load_aggregator`).
         align: Align the candidates' final feature maps onto the default grid before aggregating them.
         search_space: Sites to search (names or indices). Default: every site but the first and the last, or all
             sites when that leaves none.
@@ -132,6 +140,15 @@ class PhaseSearch:
         self.align = bool(align) and aggregate_on == "features"
         self.seed = seed
         self.search_space = self._space(search_space)
+        if getattr(self.criterion, "needs_features", False):
+            if aggregate_on != "features":
+                raise ValueError(f"criterion {type(self.criterion).__name__} reads feature maps; it needs "
+                                 "aggregate_on='features'")
+            if getattr(self.criterion, "module", False) is None:
+                if not hasattr(self.aggregator, "attend"):
+                    raise ValueError("criterion 'learned' ranks candidates by the attention of the learned "
+                                     "aggregator: use it with a learned aggregator (aggregate=load_aggregator(...))")
+                self.criterion.module = self.aggregator
         self.num_states = math.prod(s.num_phases for s in self.search_space)
         self.budget = self._check_budget(budget)
 
@@ -320,10 +337,22 @@ class PhaseSearch:
 
     def _rescore(self, cands: list[list[_Candidate]], first: int, generator: torch.Generator) -> None:
         sites = self.net.sites
+        factors = [s.factor for s in sites]
+        with_features = getattr(self.criterion, "needs_features", False)
         for pool in cands:
             logits = torch.stack([c.logits for c in pool])
-            shift = displacement(torch.tensor([c.state for c in pool]), [s.factor for s in sites], first)
-            scores = self.criterion.score(logits, shift, generator)
+            shift = displacement(torch.tensor([c.state for c in pool]), factors, first)
+            if with_features:
+                for c, d in zip(pool, shift):
+                    if c.aligned is None:
+                        c.aligned = c.features
+                        if self.align and bool(d.any()):
+                            c.aligned = align_features(c.features, d[None], alignment_factor(factors, first),
+                                                       self.net.feature_dims)
+                scores = self.criterion.score(logits, shift, generator,
+                                              features=torch.cat([c.aligned for c in pool]))
+            else:
+                scores = self.criterion.score(logits, shift, generator)
             for c, s in zip(pool, scores.tolist()):
                 c.score = s
 

@@ -1,0 +1,170 @@
+"""Training the learned aggregator on a frozen model: cached candidates, then cheap epochs.
+
+The candidates of every training image are found once by the search with the random criterion (as the paper
+trains) and their final feature maps cached; the search adds candidates in order, so the first ``b`` cached
+candidates are exactly what a random search with budget ``b`` aggregates. Each training batch draws a budget, so
+one module learns to aggregate any number of candidates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from polyglean.aggregate.align import align as align_features
+from polyglean.aggregate.learned import AttentionAggregator
+
+__all__ = ["CandidateSet", "accuracy_by_budget", "collect_candidates", "train_epoch"]
+
+
+@dataclass
+class CandidateSet:
+    """Cached candidates of a set of images.
+
+    Attributes:
+        features: ``(N, B, ...)`` final feature maps (float16 to halve memory), in the order the search added them.
+        shift: ``(N, B, 2)`` displacements ``(Δy, Δx)``.
+        labels: ``(N,)`` class indices.
+        meta: What produced them (model, weights fingerprint, data, search set-up) — a cache key.
+    """
+
+    features: Tensor
+    shift: Tensor
+    labels: Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def budget(self) -> int:
+        return self.features.shape[1]
+
+    def save(self, path: str | Path) -> None:
+        """Writes the set atomically (temporary file, then rename)."""
+        import os
+        import tempfile
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save({"features": self.features, "shift": self.shift, "labels": self.labels, "meta": self.meta},
+                       tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path) -> CandidateSet:
+        """Reads a set written by :meth:`save` (``weights_only=True``, memory-mapped)."""
+        d = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return cls(d["features"], d["shift"], d["labels"], d["meta"])
+
+    def aligned(self, factor: tuple[int, int], dims: tuple[int, int], chunk: int = 256) -> CandidateSet:
+        """The same set with every feature map aligned onto the default grid."""
+        out = torch.empty_like(self.features)
+        for i in range(0, len(self), chunk):
+            f = self.features[i:i + chunk]
+            s = self.shift[i:i + chunk]
+            a = align_features(f.flatten(0, 1).float(), s.reshape(-1, 2), factor, dims)
+            out[i:i + chunk] = a.reshape(f.shape).to(out.dtype)
+        return CandidateSet(out, self.shift, self.labels, {**self.meta, "aligned": True})
+
+
+def collect_candidates(search: Any, batches: Iterable[tuple[Tensor, Tensor]],
+                       on_batch: Callable[[int], None] | None = None) -> CandidateSet:
+    """Runs ``search`` (a :class:`~polyglean.search.PhaseSearch` aggregating features) on every batch and keeps
+    each image's candidates: final feature maps (float16, unaligned), displacements and labels.
+
+    Args:
+        search: The search; its budget is the number of candidates kept per image.
+        batches: ``(x, y)`` pairs.
+        on_batch: Called with the number of images after each batch (progress).
+    """
+    if search.aggregate_on != "features":
+        raise ValueError("collecting candidates needs a search that aggregates feature maps")
+    feats: list[Tensor] = []
+    shifts: list[Tensor] = []
+    labels: list[Tensor] = []
+    for x, y in batches:
+        result = search.run(x)
+        feats.append(result.features.to(torch.float16))
+        shifts.append(result.shift.clone())
+        labels.append(y.clone())
+        if on_batch is not None:
+            on_batch(len(y))
+    if not labels:
+        raise ValueError("no images to collect candidates from")
+    return CandidateSet(torch.cat(feats), torch.cat(shifts), torch.cat(labels))
+
+
+def train_epoch(module: AttentionAggregator, head: Callable[[Tensor], Tensor], data: CandidateSet,
+                optimizer: torch.optim.Optimizer, scheduler: Any, *, batch_size: int, generator: torch.Generator,
+                min_budget: int = 2, on_step: Callable[[float], None] | None = None) -> float:
+    """One pass over ``data`` in a random order; each batch aggregates the first ``b`` candidates, ``b`` drawn
+    uniformly from ``[min_budget, data.budget]``. Returns the mean cross-entropy."""
+    module.train()
+    n = len(data)
+    order = torch.randperm(n, generator=generator)
+    top = data.budget
+    total, count = 0.0, 0
+    for i in range(0, n, batch_size):
+        idx = order[i:i + batch_size]
+        b = int(torch.randint(min(min_budget, top), top + 1, (1,), generator=generator))
+        f = data.features[idx, :b].float()
+        logits = head(module(f, data.shift[idx, :b]))
+        loss = F.cross_entropy(logits, data.labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += float(loss.detach()) * len(idx)
+        count += len(idx)
+        if on_step is not None:
+            on_step(float(loss.detach()))
+    module.eval()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def accuracy_by_budget(module: AttentionAggregator | None, head: Callable[[Tensor], Tensor], data: CandidateSet,
+                       budgets: Iterable[int], batch_size: int = 256) -> dict[int, dict[str, float]]:
+    """Top-1 (%) and NLL of the module on the first ``b`` candidates of each image, per budget; with
+    ``module=None`` the plain average (the untrained module's output)."""
+    out = {}
+    for b in budgets:
+        if not 1 <= b <= data.budget:
+            raise ValueError(f"budget {b} out of range for {data.budget} cached candidates")
+        correct, nll = 0, 0.0
+        for i in range(0, len(data), batch_size):
+            f = data.features[i:i + batch_size, :b].float()
+            y = data.labels[i:i + batch_size]
+            agg = f.mean(1) if module is None else module(f, data.shift[i:i + batch_size, :b])
+            logits = head(agg)
+            correct += int((logits.argmax(-1) == y).sum())
+            nll += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+        out[b] = {"top1": 100.0 * correct / len(data), "nll": nll / len(data)}
+    return out
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 0) -> Any:
+    """Linear warm-up then cosine decay to zero over ``steps`` optimiser steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
