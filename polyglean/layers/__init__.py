@@ -12,7 +12,14 @@ Example:
 
 from polyglean.layers._registry import LAYERS, create_layer, get_layer, list_layers, register_layer
 from polyglean.layers.adapool import AdaPool2d, ada_pool2d, edscw_pool2d
-from polyglean.layers.aps import APS2d, aps_gather2d, aps_select2d, polyphase_components2d
+from polyglean.layers.aps import (
+    APS2d,
+    APSIndex2d,
+    aps_gather2d,
+    aps_index2d,
+    aps_select2d,
+    polyphase_components2d,
+)
 from polyglean.layers.blurpool import (
     BlurPool1d,
     BlurPool2d,
@@ -35,6 +42,7 @@ from polyglean.layers.softpool import (
 
 __all__ = [
     "APS2d",
+    "APSIndex2d",
     "LAYERS",
     "PASA2d",
     "AdaPool2d",
@@ -48,6 +56,7 @@ __all__ = [
     "SwapSequential",
     "ada_pool2d",
     "aps_gather2d",
+    "aps_index2d",
     "aps_select2d",
     "binomial_filter",
     "blur_pool1d",

@@ -14,6 +14,9 @@ Select on one branch and reuse the index on the other, without storing anything 
 
     y, index = aps(x, return_index=True)       # or aps_select2d(x, stride)
     shortcut = aps(identity, index=index)      # or aps_gather2d(identity, index, stride)
+
+:class:`APSIndex2d` computes the index alone (no subsampling), so that a rewritten graph can pass it as an explicit
+data edge to every branch of a block (what :func:`polyglean.swap` does for multi-op sites).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from torch import Tensor, nn
 from polyglean.layers._registry import register_layer
 from polyglean.layers._utils import check_input, ntuple
 
-__all__ = ["APS2d", "NORMS", "PAD_MODES", "aps_gather2d", "aps_select2d", "polyphase_components2d"]
+__all__ = ["APS2d", "APSIndex2d", "NORMS", "PAD_MODES", "aps_gather2d", "aps_index2d", "aps_select2d",
+           "polyphase_components2d"]
 
 #: Accepted norm orders ``p`` (``"inf"`` is an alias of ``math.inf``).
 NORMS: tuple[float, ...] = (1.0, 2.0, math.inf)
@@ -117,9 +121,43 @@ def aps_select2d(
     """
     order = _check_norm(p)
     comps = polyphase_components2d(x, stride, pad_mode)
-    norms = torch.linalg.vector_norm(comps.detach().flatten(2), ord=order, dim=2)
-    index = norms.argmax(dim=1)
+    index = _max_norm_index(comps, order)
     return comps[torch.arange(comps.shape[0], device=x.device), index], index
+
+
+def _max_norm_index(comps: Tensor, order: float) -> Tensor:
+    """Per sample, the flattened index of the component with the largest l_p norm (ties: the lowest)."""
+    norms = torch.linalg.vector_norm(comps.detach().flatten(2), ord=order, dim=2)
+    return norms.argmax(dim=1)
+
+
+def aps_index2d(x: Tensor, stride: int | Sequence[int] = 2, p: float | str = 2, pad_mode: str = "circular"
+                ) -> Tensor:
+    """The component :func:`aps_select2d` would keep, per sample, without subsampling.
+
+    Args:
+        x: Input.
+        stride: Subsampling factor ``s`` or ``(s_h, s_w)``.
+        p: Norm order: 1, 2 or ``"inf"`` (``math.inf``).
+        pad_mode: ``"circular"`` or ``"zeros"``: how odd sizes are extended at the bottom/right.
+
+    Returns:
+        Flattened component indices ``i * s_w + j`` (ties: lowest index); no gradient flows through them.
+
+    Raises:
+        ValueError: If ``x`` is not 4-D or an argument is unknown or out of range.
+
+    Shape:
+        - x: ``(N, C, H, W)``
+        - output: ``(N,)``, ``torch.long``
+
+    Example:
+        >>> x = torch.zeros(1, 1, 4, 4)
+        >>> x[0, 0, 1, 0] = 1.0
+        >>> aps_index2d(x, 2)
+        tensor([2])
+    """
+    return _max_norm_index(polyphase_components2d(x, stride, pad_mode), _check_norm(p))
 
 
 def aps_gather2d(x: Tensor, index: Tensor, stride: int | Sequence[int] = 2, pad_mode: str = "circular") -> Tensor:
@@ -200,6 +238,43 @@ class APS2d(nn.Module):
         else:
             y = aps_gather2d(x, index, self.stride, self.pad_mode)
         return (y, index) if return_index else y
+
+    def extra_repr(self) -> str:
+        p = "inf" if math.isinf(self.p) else int(self.p)
+        return f"stride={self.stride}, p={p}, pad_mode={self.pad_mode!r}"
+
+
+class APSIndex2d(nn.Module):
+    """The polyphase component APS chooses, per sample: a Module over :func:`aps_index2d`.
+
+    It does not subsample; its output is the index that :class:`APS2d` (``forward(x, index=index)``) applies to
+    every branch of a block, e.g. the main conv and the shortcut of a residual block rewritten by
+    :func:`polyglean.swap`.
+
+    Args:
+        stride: Subsampling factor ``s`` or ``(s_h, s_w)``.
+        p: Norm order: 1, 2 or ``"inf"``.
+        pad_mode: ``"circular"`` or ``"zeros"``: how odd sizes are extended at the bottom/right.
+
+    Shape:
+        - input: ``(N, C, H, W)``
+        - output: ``(N,)``, ``torch.long``
+
+    Example:
+        >>> x, identity = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+        >>> index = APSIndex2d(2)(x)
+        >>> torch.equal(APS2d(2)(x, index=index), APS2d(2)(x))
+        True
+    """
+
+    def __init__(self, stride: int | Sequence[int] = 2, p: float | str = 2, pad_mode: str = "circular") -> None:
+        super().__init__()
+        self.stride = ntuple(stride, 2, "stride")
+        self.p = _check_norm(p)
+        self.pad_mode = _check_pad_mode(pad_mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return aps_index2d(x, self.stride, self.p, self.pad_mode)
 
     def extra_repr(self) -> str:
         p = "inf" if math.isinf(self.p) else int(self.p)

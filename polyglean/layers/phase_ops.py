@@ -12,7 +12,10 @@ result, with the default output shape; entries past the stride-1 map are zero.
 For APS the "stride-1 result" is the input itself, read from the component APS chose: phase ``(dy, dx)`` keeps
 ``x[n, :, i * R_h + a_n + dy, j * R_w + b_n + dx]`` where ``(a_n, b_n)`` is the component chosen for image ``n``
 (after APS's own extension of odd sizes), so phase ``(0, 0)`` is APS itself and the other phases are the
-neighbouring grids relative to its choice.
+neighbouring grids relative to its choice. A call with a given ``index`` (the branches of a block rewritten by
+:func:`polyglean.swap`, which all receive the index of :class:`~polyglean.layers.APSIndex2d`) takes ``(a_n, b_n)``
+from that index, so every branch of the site moves by the same phase. :class:`~polyglean.layers.APSIndex2d`
+itself does not subsample; it is registered as a kind that never matches, which keeps it a leaf of the trace.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ from torch import Tensor, nn
 
 from polyglean.layers._utils import pool_out_size
 from polyglean.layers.adapool import AdaPool2d, edscw_pool2d
-from polyglean.layers.aps import APS2d, aps_select2d, polyphase_components2d
+from polyglean.layers.aps import APS2d, APSIndex2d, aps_index2d, polyphase_components2d
 from polyglean.layers.pasa import PASA2d, pasa2d
 from polyglean.layers.softpool import SoftPool2d, soft_pool2d
 from polyglean.phase.functional import Phase
-from polyglean.sites.ops import ModulePhaseOp, register_module_op
+from polyglean.sites.ops import ModulePhaseOp, PhaseValue, register_module_op
 
 __all__ = ["APS2dPhase", "AdaPool2dPhase", "PASA2dPhase", "SoftPool2dPhase", "subsample_at"]
 
@@ -94,27 +97,64 @@ class PASA2dPhase(ModulePhaseOp):
 
 
 class APS2dPhase(ModulePhaseOp):
-    """An :class:`~polyglean.layers.APS2d` at any phase relative to the component it chooses per image."""
+    """An :class:`~polyglean.layers.APS2d` at any phase relative to the component it chooses (or is given) per image.
+
+    Per-image phases are applied in one pass (the offsets are per image anyway), so a call with ``index`` keeps its
+    batch intact; ``return_index=True`` runs only at the default phase.
+    """
 
     kind = "aps"
 
-    def at_phase(self, phase: Phase, x: Tensor, index: Tensor | None = None, return_index: bool = False
-                 ) -> Tensor:
-        if index is not None or return_index:
+    def forward(self, x: Tensor, index: Tensor | None = None, return_index: bool = False, *,
+                phase: PhaseValue = None) -> Tensor | tuple[Tensor, Tensor]:
+        flat = self._flat_phases(phase, x)
+        if flat is None:
+            return self.module(x, index=index, return_index=return_index)
+        if return_index:
             raise NotImplementedError(
-                f"APS2d at '{self.name}' is called with index={'given' if index is not None else None}, "
-                f"return_index={return_index}; only the plain call aps(x) runs at other phases"
+                f"APS2d at '{self.name}' is called with return_index=True; only aps(x) and aps(x, index=...) run "
+                "at other phases (swap() passes the index from an APSIndex2d instead)"
             )
+        return self.shifted(x, flat, index)
+
+    def at_phase(self, phase: Phase, x: Tensor, index: Tensor | None = None) -> Tensor:
+        dy, dx = phase
+        flat = torch.full((x.shape[0],), dy * self.factor[1] + dx, dtype=torch.long, device=x.device)
+        return self.shifted(x, flat, index)
+
+    def _flat_phases(self, phase: PhaseValue, x: Tensor) -> Tensor | None:
+        """``phase`` as ``(N,)`` flat indices, or ``None`` when every image keeps phase 0."""
+        if phase is None:
+            return None
+        flat = (torch.full((x.shape[0],), phase, dtype=torch.long, device=x.device) if isinstance(phase, int)
+                else phase.to(device=x.device, dtype=torch.long))
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo < 0 or hi >= self.num_phases:
+            raise ValueError(
+                f"phase index {lo if lo < 0 else hi} out of range for factor {self.factor} at op '{self.name}' "
+                f"(expected 0 <= p < {self.num_phases})"
+            )
+        return None if hi == 0 else flat
+
+    def shifted(self, x: Tensor, flat: Tensor, index: Tensor | None = None) -> Tensor:
+        """Per image ``n``, the grid ``x[n, :, i * R_h + a_n + dy_n, j * R_w + b_n + dx_n]``, zero past the map.
+
+        ``(a_n, b_n)`` is the component APS chooses (or ``index[n]``), ``(dy_n, dx_n)`` the phase ``flat[n]``.
+
+        Shape:
+            - x: ``(N, C, H, W)``
+            - flat, index: ``(N,)``
+            - output: ``(N, C, ceil(H / R_h), ceil(W / R_w))``
+        """
         m = self.module
         sh, sw = self.factor
-        _, chosen = aps_select2d(x, m.stride, m.p, m.pad_mode)
+        chosen = aps_index2d(x, m.stride, m.p, m.pad_mode) if index is None else index.to(x.device).long()
         comps = polyphase_components2d(x, m.stride, m.pad_mode)
         n, _, c, oh, ow = comps.shape
         # Undo the polyphase split: the input as APS extended it, (N, C, oh * sh, ow * sw).
         ext = comps.reshape(n, sh, sw, c, oh, ow).permute(0, 3, 4, 1, 5, 2).reshape(n, c, oh * sh, ow * sw)
         ext = F.pad(ext, (0, sw, 0, sh))  # room for offsets up to 2R - 2; positions past the map are zero
-        dy, dx = phase
-        offsets = torch.stack([chosen // sw + dy, chosen % sw + dx], dim=1)
+        offsets = torch.stack([chosen // sw + flat // sw, chosen % sw + flat % sw], dim=1)
         out = ext.new_empty((n, c, oh, ow))
         for oy, ox in torch.unique(offsets, dim=0).tolist():
             idx = ((offsets[:, 0] == oy) & (offsets[:, 1] == ox)).nonzero().squeeze(1)
@@ -135,3 +175,4 @@ register_module_op(SoftPool2d, _factory(SoftPool2dPhase))
 register_module_op(AdaPool2d, _factory(AdaPool2dPhase))
 register_module_op(PASA2d, _factory(PASA2dPhase))
 register_module_op(APS2d, _factory(APS2dPhase))
+register_module_op(APSIndex2d, lambda module, name: None)  # a leaf that never subsamples

@@ -19,9 +19,16 @@ and rewrites every *module* op of every site by the rule registered for the laye
     adaptive low-pass before subsampling); other strided convs -> ``Conv(1) + PASA2d(C_out, s)``, which keeps the
     output size; ``MaxPool``/``AvgPool(s)`` -> ``Pool(stride 1) + PASA2d(s)``.
 ``aps`` (Chaman & Dokmanic 2021)
-    ``Conv(s)``/``Pool(s)`` -> ``Conv(1)``/``Pool(1)`` + ``APS2d(s)``, for sites made of one op only. A site whose
-    ops must agree (a residual block's main conv and shortcut) needs the main branch's choice passed to the
-    shortcut, which module surgery cannot do; :func:`swap` raises ``NotImplementedError`` naming such a site.
+    a single-op site: ``Conv(s)``/``Pool(s)`` -> ``Conv(1)``/``Pool(1)`` + ``APS2d(s)``. A site of several ops
+    (a residual block's strided conv and its shortcut, which meet at an add) is a *graph* rewrite (a site rule,
+    :data:`SITE_RULES`): every op runs at stride 1, an :class:`APSIndex2d` picks the max-norm component of the
+    first op's (the main branch's) stride-1 map per sample, and that index is an explicit input of one
+    ``APS2d(s)(y, index=...)`` after every op, shortcut included. The chosen phase reaches the shortcut by a data
+    edge, so no execution order can break it and nothing is stored between calls. Strided slices
+    (``x[:, :, ::2, ::2]``, CIFAR "option A") become unstrided slices followed by the gather. Then the result is
+    the rewritten ``torch.fx.GraphModule`` (traced in eval mode: branches on ``self.training`` are fixed to eval),
+    with the new modules at ``<block>.aps_index`` and ``<block>.<op path with "_" for ".">_aps``; it holds no
+    parameter of its own, so the state-dict keys are unchanged.
 
 A replaced module that keeps weights sits inside a :class:`SwapSequential`, so its state-dict keys gain the
 child's index (``layer2.0.conv1.weight`` -> ``layer2.0.conv1.0.weight``); :func:`swap_key_map` gives the renames,
@@ -29,7 +36,8 @@ and with them the original checkpoint loads strictly into a blurpool-swapped mod
 non-persistent buffer). Every other key is unchanged.
 
 Functional ops (``F.max_pool2d`` in ``forward``, CIFAR "option A" slices ``x[:, :, ::2, ::2]``) are not modules and
-stay as they are; :func:`swap` logs a warning naming each. The input model is never modified.
+stay as they are, except under a site rule (APS); :func:`swap` logs a warning naming each. The input model is never
+modified.
 
 Example:
     >>> import torchvision  # doctest: +SKIP
@@ -54,14 +62,19 @@ from torch import Tensor, fx, nn
 from polyglean.layers import phase_ops  # noqa: F401  (registers the op kinds of the layers)
 from polyglean.layers._registry import list_layers
 from polyglean.layers.adapool import AdaPool2d
-from polyglean.layers.aps import APS2d
+from polyglean.layers.aps import APS2d, APSIndex2d
 from polyglean.layers.blurpool import BlurPool2d
 from polyglean.layers.pasa import PASA2d
 from polyglean.layers.softpool import SoftPool2d
 from polyglean.sites import Site, discover
-from polyglean.sites.ops import ModulePhaseOp
+from polyglean.phase.functional import sliced_dims
+from polyglean.sites.conv import Conv2dPhase
+from polyglean.sites.ops import ModulePhaseOp, PhaseOp
+from polyglean.sites.pool import AvgPool2dPhase, MaxPool2dPhase
+from polyglean.sites.slicing import SlicePhase
 
-__all__ = ["SWAP_RULES", "SwapSequential", "register_swap_rule", "swap", "swap_key_map"]
+__all__ = ["SITE_RULES", "SWAP_RULES", "SwapSequential", "register_site_rule", "register_swap_rule", "swap",
+           "swap_key_map"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +148,47 @@ def register_swap_rule(name: str) -> Callable[[SwapRule], SwapRule]:
         if name in SWAP_RULES:
             raise ValueError(f"a swap rule for layer {name!r} is already registered")
         SWAP_RULES[name] = rule
+        return rule
+
+    return add
+
+
+@dataclass(frozen=True)
+class SiteSwapContext:
+    """Everything a site rule may look at for one site of several ops.
+
+    Attributes:
+        site: The site.
+        nodes: The nodes of its ops in ``graph_module``, in graph order (the first is the main branch's).
+        ops: Their ops, in the same order.
+        graph_module: The traced model copy; a site rule rewrites its graph and modules in place.
+        in_shapes: Shape of each op's input on the example batch, by op name.
+        out_shapes: Shape of each op's output, by op name.
+        kwargs: The layer arguments given to :func:`swap`.
+    """
+
+    site: Site
+    nodes: tuple[fx.Node, ...]
+    ops: tuple[PhaseOp, ...]
+    graph_module: fx.GraphModule
+    in_shapes: dict[str, tuple[int, ...]]
+    out_shapes: dict[str, tuple[int, ...]]
+    kwargs: dict[str, Any]
+
+
+SiteRule = Callable[[SiteSwapContext], dict[str, tuple[int, ...]]]
+SITE_RULES: dict[str, SiteRule] = {}
+"""Layer name -> rule for sites of several ops (which must agree); it rewrites the graph and returns the paths
+whose output shapes must not change, with those shapes. Layers without one are swapped op by op."""
+
+
+def register_site_rule(name: str) -> Callable[[SiteRule], SiteRule]:
+    """Decorator registering the site rule of layer ``name``; a duplicate name is an error."""
+
+    def add(rule: SiteRule) -> SiteRule:
+        if name in SITE_RULES:
+            raise ValueError(f"a site rule for layer {name!r} is already registered")
+        SITE_RULES[name] = rule
         return rule
 
     return add
@@ -277,18 +331,87 @@ def _pasa_rule(ctx: SwapContext) -> Rewrite | None:
 
 @register_swap_rule("aps")
 def _aps_rule(ctx: SwapContext) -> Rewrite | None:
-    if len(ctx.site.ops) > 1:
-        raise NotImplementedError(
-            f"APS at site '{ctx.site.name}' with ops {list(ctx.site.ops)}: the ops must share the phase chosen on "
-            "the main branch, which module surgery cannot pass between branches; only single-op sites are "
-            "swapped to APS"
-        )
     name, m = ctx.op.name, ctx.op.module
     if _is_conv(ctx):
         return Rewrite({name: SwapSequential(_conv_stride1(m), APS2d(ctx.stride, **ctx.kwargs), kept=0)}, name)
     if _is_pool(ctx):
         return Rewrite({name: SwapSequential(_pool_stride1(m), APS2d(ctx.stride, **ctx.kwargs), kept=None)}, name)
     return None
+
+
+def _stride1_module(ctx: SiteSwapContext, node: fx.Node, op: PhaseOp) -> None:
+    """Makes a strided conv/pool module node compute its stride-1 map (same weights, same path)."""
+    gm = ctx.graph_module
+    module = gm.get_submodule(str(node.target))
+    if isinstance(module, nn.Conv2d):
+        _conv_stride1(module)
+    else:
+        _set_submodule(gm, str(node.target), _pool_stride1(module))
+
+
+def _stride1_slice(ctx: SiteSwapContext, node: fx.Node, op: PhaseOp) -> None:
+    """Makes a strided slice ``x[..., ::R_h, ::R_w]`` unstrided (the identity on its range)."""
+    x, index = node.args
+    strided = sliced_dims(index, len(ctx.in_shapes[op.name]))
+    if op.dims != (-2, -1) or any(sl.start not in (None, 0) or sl.stop is not None for _, _, sl in strided):
+        raise NotImplementedError(
+            f"APS at slicing op '{op.name}': only x[..., ::R_h, ::R_w] over the last two dimensions is rewritten, "
+            f"got index {index!r}"
+        )
+    items = index if isinstance(index, tuple) else (index,)
+    node.args = (x, tuple(slice(it.start, it.stop) if isinstance(it, slice) else it for it in items))
+
+
+_STRIDE1: dict[type[PhaseOp], Callable[[SiteSwapContext, fx.Node, PhaseOp], None]] = {
+    Conv2dPhase: _stride1_module,
+    MaxPool2dPhase: _stride1_module,
+    AvgPool2dPhase: _stride1_module,
+    SlicePhase: _stride1_slice,
+}
+"""Op class -> how to make its node compute the op's stride-1 map instead, for the APS site rule."""
+
+
+def _free_path(gm: fx.GraphModule, block: str, name: str) -> str:
+    """``block.name`` (or ``name`` at the root), with a numeric suffix if that attribute exists already."""
+    parent = gm.get_submodule(block) if block else gm
+    candidate, k = name, 1
+    while hasattr(parent, candidate):
+        candidate, k = f"{name}_{k}", k + 1
+    return f"{block}.{candidate}" if block else candidate
+
+
+@register_site_rule("aps")
+def _aps_site_rule(ctx: SiteSwapContext) -> dict[str, tuple[int, ...]]:
+    gm, graph, site = ctx.graph_module, ctx.graph_module.graph, ctx.site
+    for op in ctx.ops:
+        if type(op) not in _STRIDE1:
+            raise NotImplementedError(
+                f"APS at site '{site.name}': op '{op.name}' ({op.kind}, {type(op).__name__}) has no stride-1 "
+                "rewrite; supported in sites of several ops: nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d and strided "
+                "slicing x[..., ::R_h, ::R_w]"
+            )
+    prefix = f"{site.name}."
+    block = site.name if all(name.startswith(prefix) for name in site.ops) else ""
+    aps_kwargs = dict(ctx.kwargs)
+    index_path = _free_path(gm, block, "aps_index")
+    gm.add_submodule(index_path, APSIndex2d(site.factor, **aps_kwargs))
+    checked: dict[str, tuple[int, ...]] = {}
+    index_node: fx.Node | None = None
+    for full, op in zip(ctx.nodes, ctx.ops):
+        _STRIDE1[type(op)](ctx, full, op)
+        relative = op.name[len(prefix):] if block else op.name
+        gather_path = _free_path(gm, block, relative.replace(".", "_") + "_aps")
+        gm.add_submodule(gather_path, APS2d(site.factor, **aps_kwargs))
+        after = full
+        if index_node is None:  # the main branch (first op in graph order) chooses the component
+            with graph.inserting_after(full):
+                index_node = graph.call_module(index_path, (full,))
+            after = index_node
+        with graph.inserting_after(after):
+            gathered = graph.call_module(gather_path, (full,), {"index": index_node})
+        full.replace_all_uses_with(gathered, delete_user_cb=lambda user: user not in (gathered, index_node))
+        checked[gather_path] = ctx.out_shapes[op.name]
+    return checked
 
 
 # ---------------------------------------------------------------------------------------------------- surgery
@@ -332,13 +455,15 @@ def swap(model: nn.Module, layer: str, *, input_size: Sequence[int] = (3, 224, 2
             ``beta_init=0.3`` (adaPool), ``p=1`` (APS).
 
     Returns:
-        The rewritten deep copy, in the train/eval mode of ``model``. Keys of kept weights move as
+        The rewritten deep copy, in the train/eval mode of ``model``; a ``torch.fx.GraphModule`` when a site rule
+        rewrote the graph (``"aps"`` on a model with residual downsampling blocks). Keys of kept weights move as
         :func:`swap_key_map` says; all others are unchanged.
 
     Raises:
         ValueError: If ``layer`` is unknown (the message lists the known names), the model has no subsampling
             site, or a rewrite would change the size of an op's output.
-        NotImplementedError: For ``"aps"`` at a site of several ops (named in the message).
+        NotImplementedError: For ``"aps"`` at a site of several ops one of which has no stride-1 rewrite (a
+            functional pooling call, a timm "SAME" op; named in the message).
     """
     if layer not in SWAP_RULES:
         known = ", ".join(repr(n) for n in list_layers() if n in SWAP_RULES)
@@ -355,16 +480,35 @@ def swap(model: nn.Module, layer: str, *, input_size: Sequence[int] = (3, 224, 2
         )
     rewrites: list[tuple[str, Rewrite]] = []
     expected: dict[str, tuple[int, ...]] = {}
-    out_shapes = {str(n.target): found.info[n].shape for n in found.graph_module.graph.nodes
+    gm = found.graph_module
+    out_shapes = {str(n.target): found.info[n].shape for n in gm.graph.nodes
                   if n.op == "call_module" and n in found.info}
+    site_rule = SITE_RULES.get(layer)
+    by_site: dict[int, list[tuple[fx.Node, PhaseOp]]] = {}
+    for node, (op, index) in found.ops.items():
+        by_site.setdefault(index, []).append((node, op))
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    rewritten = False
+    for index, members in by_site.items():
+        if site_rule is None or len(members) < 2:
+            continue
+        members.sort(key=lambda member: position[member[0]])
+        nodes, ops = zip(*members)
+        ctx = SiteSwapContext(found.sites[index], nodes, ops, gm,
+                              {op.name: tuple(found.info[n].input_shape or ()) for n, op in members},
+                              {op.name: tuple(found.info[n].shape or ()) for n, op in members}, dict(layer_kwargs))
+        expected.update(site_rule(ctx))
+        rewritten = True
     for node, (op, index) in found.ops.items():
         site = found.sites[index]
+        if rewritten and site_rule is not None and len(by_site[index]) > 1:
+            continue
         if not isinstance(op, ModulePhaseOp):
             logger.warning("swap(%r): op '%s' (%s) of site '%s' is not a module and stays as it is",
                            layer, op.name, op.kind, site.name)
             continue
         info = found.info[node]
-        ctx = SwapContext(op, site, node, found.graph_module, tuple(info.input_shape or ()), tuple(info.shape or ()),
+        ctx = SwapContext(op, site, node, gm, tuple(info.input_shape or ()), tuple(info.shape or ()),
                           dict(layer_kwargs))
         rewrite = rule(ctx)
         if rewrite is None:
@@ -372,9 +516,13 @@ def swap(model: nn.Module, layer: str, *, input_size: Sequence[int] = (3, 224, 2
             continue
         rewrites.append((op.name, rewrite))
         expected[rewrite.checked] = out_shapes[rewrite.checked]
-    if not rewrites:
+    if not rewrites and not rewritten:
         logger.warning("swap(%r): no op of %s is replaced by this rule; the copy is unchanged",
                        layer, type(model).__name__)
+    if rewritten:  # the rewritten graph is the model now; its modules are the copy's own
+        gm.graph.lint()
+        gm.recompile()
+        swapped = gm
     ref = next(swapped.parameters(), None)
     for _, rewrite in rewrites:
         for path, module in rewrite.modules.items():

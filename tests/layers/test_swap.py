@@ -150,12 +150,6 @@ def test_aps_single_op_sites() -> None:
     assert y.shape == new(x).shape
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_aps_multi_op_site_not_implemented(originals, name: str) -> None:
-    with pytest.raises(NotImplementedError, match="layer2.0"):
-        swap(originals[name][0], "aps", input_size=(3, MODELS[name], MODELS[name]))
-
-
 def test_softpool_phase_op_matches_stride1_sliced() -> None:
     pool = SoftPool2d(3, 2, 1)
     op = discover(nn.Sequential(pool), (2, 9, 9)).ops
