@@ -47,9 +47,10 @@ def add_parser(sub: Any, name: str) -> None:
     p.add_argument("--aggregate", default="entropy",
                    help=f"one or more, comma-separated, from: {', '.join(AGGREGATORS.names())} (default entropy); "
                         "all come from the same search")
-    p.add_argument("--aggregator", metavar="PATH",
-                   help="trained learned aggregator for --aggregate learned / --criterion learned (default: the one "
-                        "shipped for the preset, if any)")
+    p.add_argument("--aggregator", metavar="PATH", nargs="+",
+                   help="trained aggregator(s) for --aggregate learned / --criterion learned: one trained on aligned "
+                        "features, one on unaligned ones, or both (with --align-both); default: the one shipped for "
+                        "the preset, if any")
     p.add_argument("--aggregate-on", default="features", choices=["features", "logits"])
     p.add_argument("--no-align", action="store_true", help="aggregate feature maps without aligning them")
     p.add_argument("--align-both", action="store_true", help="report every aggregate with and without alignment")
@@ -151,18 +152,25 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     model, preprocess = load_model(args.model, args.weights, pretrained=args.pretrained)
     net = PhaseNet(model, input_size=preprocess.input_size)
     top = args.budgets[-1]
-    learned = None
+    modules: dict[bool, Any] = {}  # trained aggregators by the alignment they were trained with
     if "learned" in aggregates or args.criterion == "learned":
-        learned = _learned_aggregator(args, model, net)
-        aligns = [al for al in aligns if al == learned.meta["align"]] or [learned.meta["align"]]
-    variants = [(a, al) for a in aggregates for al in aligns]
-    by_name = {a: (learned if a == "learned" else a) for a in aggregates}
-    first = learned if args.criterion == "learned" else by_name[variants[0][0]]
+        modules = _learned_aggregators(args, model)
+        if not any(al in modules for al in aligns):
+            aligns = sorted(modules, reverse=True)
+    variants = [(a, al) for a in aggregates for al in aligns if a != "learned" or al in modules]
+    if not variants:
+        raise ValueError("no aggregation left to report: the learned aggregator was trained "
+                         f"{'with' if True in modules else 'without'} alignment")
+    by_name = {(a, al): (modules[al] if a == "learned" else a) for a, al in variants}
+    learned = modules.get(aligns[0]) or next(iter(modules.values()), None)
+    if args.criterion == "learned":
+        aligns = [bool(learned.meta["align"]), *[al for al in aligns if al != learned.meta["align"]]]
+    first = learned if args.criterion == "learned" else by_name[variants[0]]
     search = PhaseSearch(net, budget=top, criterion=args.criterion, aggregate=first,
                          align=aligns[0], search_space=args.search_space, aggregate_on=args.aggregate_on,
                          seed=args.seed)
-    if learned is not None:  # the displacement code is only meaningful for the search space it was trained with
-        _check_learned(learned, [s.name for s in search.search_space], str(args.aggregator or args.model))
+    for module in modules.values():  # the displacement code is only meaningful for the search space it was trained on
+        _check_learned(module, [s.name for s in search.search_space], module.meta["path"])
     with torch.no_grad():
         num_classes = model(torch.zeros(1, *preprocess.input_size)).shape[-1]
     dataset = ImageDataset(args.data, preprocess, num_classes=num_classes)
@@ -184,8 +192,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         result = search.run(x, budgets=args.budgets)
         for b in args.budgets:
             for a, al in variants:
-                same = (a, al) == (variants[0][0], aligns[0]) and by_name[a] is first
-                out = result.logits[b] if same else search.combine(result, b, by_name[a], al)
+                same = al == aligns[0] and by_name[(a, al)] is first
+                out = result.logits[b] if same else search.combine(result, b, by_name[(a, al)], al)
                 logits[(a, al, b)].append(out.float())
             seconds[b] += result.seconds_by_budget[b]
             flops[b] += result.flops_by_budget[b]
@@ -213,8 +221,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             "align": aligns, "search_space": [s.name for s in search.search_space],
             "sites": [s.name for s in net.sites], "batch_size": args.batch_size, "limit": args.limit,
             "seed": args.seed, "subset": args.subset,
-            "aggregator": None if learned is None else {"path": learned.meta.get("path"),
-                                                        "training": learned.meta.get("training")},
+            "aggregators": {("aligned" if al else "unaligned"): {"path": m.meta["path"],
+                                                                 "training": m.meta.get("training")}
+                            for al, m in modules.items()},
         },
         "machine": machine(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -222,17 +231,25 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _learned_aggregator(args: argparse.Namespace, model: torch.nn.Module, net: Any) -> Any:
-    """The trained aggregator named by ``--aggregator``, or the one shipped for the preset."""
+def _learned_aggregators(args: argparse.Namespace, model: torch.nn.Module) -> dict[bool, Any]:
+    """The trained aggregators named by ``--aggregator`` (or the one shipped for the preset), by alignment."""
     from polyglean.aggregate import load_aggregator, model_fingerprint, shipped_aggregator
 
-    path = args.aggregator or shipped_aggregator(args.model)
-    if path is None:
+    paths = args.aggregator or [shipped_aggregator(args.model)]
+    if paths[0] is None:
         raise ValueError(f"no trained aggregator ships for {args.model!r}: train one with `polyglean "
                          "train-aggregator` and pass it with --aggregator PATH")
-    module = load_aggregator(path, model=args.model, fingerprint=model_fingerprint(model))
-    module.meta = {**module.meta, "path": str(path)}
-    return module
+    fingerprint = model_fingerprint(model)
+    modules: dict[bool, Any] = {}
+    for path in paths:
+        module = load_aggregator(path, model=args.model, fingerprint=fingerprint)
+        module.meta = {**module.meta, "path": str(path)}
+        al = bool(module.meta["align"])
+        if al in modules:
+            raise ValueError(f"--aggregator: {modules[al].meta['path']!r} and {str(path)!r} were both trained "
+                             f"{'with' if al else 'without'} alignment; give at most one of each")
+        modules[al] = module
+    return modules
 
 
 def _check_learned(module: Any, space: list[str], name: str) -> None:
