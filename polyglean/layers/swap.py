@@ -13,7 +13,9 @@ and rewrites every *module* op of every site by the rule registered for the laye
     the only place module surgery can put it without changing what the shared module computes elsewhere.
 ``softpool`` / ``adapool``
     strided ``MaxPool``/``AvgPool`` -> ``SoftPool2d``/``AdaPool2d`` with the same kernel, stride, padding and
-    ``ceil_mode``. Strided convs are left as they are (the papers replace pooling layers only).
+    ``ceil_mode``. Strided convs are left as they are (the papers replace pooling layers only), unless
+    ``convs=True`` is given: then ``Conv(s)`` -> ``Conv(1) + SoftPool2d(s, s)`` (``AdaPool2d``), for models that
+    subsample with strided convs only, such as the CIFAR ResNets (an extension of ours, not the papers' rule).
 ``pasa`` (Zou et al. 2020)
     a strided "same" conv (``2 * padding == dilation * (kernel - 1)``) -> ``PASA2d(C_in, s) + Conv(1)`` (the
     adaptive low-pass before subsampling); other strided convs -> ``Conv(1) + PASA2d(C_out, s)``, which keeps the
@@ -296,9 +298,15 @@ def _blurpool_rule(ctx: SwapContext) -> Rewrite | None:
 
 def _pooling_rule(layer_cls: type[nn.Module], layer: str) -> SwapRule:
     def rule(ctx: SwapContext) -> Rewrite | None:
+        kwargs = dict(ctx.kwargs)
+        convs = bool(kwargs.pop("convs", False))
+        name, m = ctx.op.name, ctx.op.module
+        if convs and _is_conv(ctx):  # opt-in: Conv(s) -> Conv(1) + Pool(s, s)
+            pool = layer_cls(kernel_size=ctx.stride, stride=ctx.stride, ceil_mode=True, **kwargs)
+            return Rewrite({name: SwapSequential(_conv_stride1(m), pool, kept=0)}, name)
         if not _is_pool(ctx):
             return None  # strided convs stay: the paper replaces pooling layers only
-        return Rewrite({ctx.op.name: layer_cls(**_pool_kwargs(ctx, layer), **ctx.kwargs)}, ctx.op.name)
+        return Rewrite({name: layer_cls(**_pool_kwargs(ctx, layer), **kwargs)}, name)
 
     return rule
 
@@ -452,7 +460,8 @@ def swap(model: nn.Module, layer: str, *, input_size: Sequence[int] = (3, 224, 2
         layer: ``"blurpool"``, ``"softpool"``, ``"adapool"``, ``"pasa"`` or ``"aps"``.
         input_size: ``(C, H, W)`` of one input image, for discovery and the size checks.
         **layer_kwargs: Passed to every new layer, e.g. ``filter_size=5`` (BlurPool), ``groups=4`` (PASA),
-            ``beta_init=0.3`` (adaPool), ``p=1`` (APS).
+            ``beta_init=0.3`` (adaPool), ``p=1`` (APS); ``convs=True`` (SoftPool, adaPool) also rewrites strided
+            convs (see the module docstring).
 
     Returns:
         The rewritten deep copy, in the train/eval mode of ``model``; a ``torch.fx.GraphModule`` when a site rule
