@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from polyglean.cli._args import add_model_arguments
 from polyglean.metrics import classification_metrics
 
 
@@ -38,9 +39,7 @@ def add_parser(sub: Any, name: str) -> None:
         "top-1/top-5 accuracy, NLL, ECE, images fixed/broken against the plain model (budget 1), wall time and "
         "forward-pass equivalents (FLOPs). All budgets come from one search to the largest.",
     )
-    p.add_argument("--model", required=True, help="a preset, torchvision:NAME or timm:NAME")
-    p.add_argument("--weights", help="checkpoint for the model (loaded strictly, weights_only)")
-    p.add_argument("--pretrained", action="store_true", help="download the library's weights (torchvision/timm)")
+    add_model_arguments(p)
     p.add_argument("--data", required=True, help="class folders, or images/ + labels.csv (file,class_index)")
     p.add_argument("--budgets", type=_budgets, default=[1, 4, 10, 15], help="comma-separated (default 1,4,10,15)")
     p.add_argument("--criterion", default="entropy", choices=CRITERIA.names())
@@ -68,6 +67,9 @@ def add_parser(sub: Any, name: str) -> None:
     from polyglean.cli import eval_tta
 
     eval_tta.add_arguments(p)
+    from polyglean.cli import eval_shift
+
+    eval_shift.add_arguments(p)
 
 
 def machine() -> dict[str, Any]:
@@ -133,7 +135,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
     from polyglean.data import DataError, ImageDataset, limit_dataset, parse_subset, subset_dataset
-    from polyglean.models import load_model
     from polyglean.phase.net import PhaseNet
     from polyglean.search import PhaseSearch
 
@@ -149,7 +150,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     aligns = [True, False] if args.align_both else [not args.no_align]
     if args.aggregate_on == "logits":
         aligns = [False]
-    model, preprocess = load_model(args.model, args.weights, pretrained=args.pretrained)
+    from polyglean.cli import eval_shift
+
+    model, preprocess = eval_shift.load(args)  # load_model, or with --downsample the swapped architecture
     net = PhaseNet(model, input_size=preprocess.input_size)
     top = args.budgets[-1]
     modules: dict[bool, Any] = {}  # trained aggregators by the alignment they were trained with
@@ -212,6 +215,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                    **classification_metrics(torch.cat(logits[(a, al, b)]), target, reference)}
             row.update(n_images=len(target), seconds=seconds[b], forward_equivalents=flops[b] / forward)
             results.append(row)
+    shift_consistency = eval_shift.measure(args, model, preprocess, dataset)
     return {
         "model": args.model,
         "weights": args.weights,
@@ -228,6 +232,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "results": results,
+        "downsample": args.downsample,
+        **({"shift_consistency": shift_consistency} if shift_consistency else {}),
     }
 
 
@@ -271,12 +277,16 @@ def format_results(payload: dict[str, Any]) -> str:
                      f"{r['seconds']:.1f}", f"{r['forward_equivalents']:.2f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     lines = [head] + ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    from polyglean.cli import eval_shift
+
+    lines += [line for line in [eval_shift.format_line(payload.get("shift_consistency"))] if line]
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    from polyglean.cli import eval_tta
+    from polyglean.cli import eval_shift, eval_tta
 
+    eval_shift.check(args)
     if eval_tta.wants_tta(args):  # image-space TTA, alone and over the phase search
         return eval_tta.run(args)
     payload = evaluate(args)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from polyglean.cli._args import add_model_arguments
 from polyglean.cli.eval import machine
 
 
@@ -23,9 +24,7 @@ def add_parser(sub: Any, name: str) -> None:
         "AdamW and a cosine schedule. Each batch aggregates a random number of candidates, so the module serves "
         "every budget. A checkpoint is written atomically after every epoch; --resume continues one.",
     )
-    p.add_argument("--model", required=True, help="a preset, torchvision:NAME or timm:NAME")
-    p.add_argument("--weights", help="checkpoint for the model (loaded strictly, weights_only)")
-    p.add_argument("--pretrained", action="store_true", help="download the library's weights (torchvision/timm)")
+    add_model_arguments(p)
     p.add_argument("--data", required=True, help="training images: class folders, or images/ + labels.csv")
     p.add_argument("--subset", help="START:STOP of a fixed shuffled order of --data (e.g. 0:20000)")
     p.add_argument("--val-data", help="validation images (accuracy reported after every epoch)")
