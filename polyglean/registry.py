@@ -8,7 +8,15 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "UnknownNameError"]
+
+
+class UnknownNameError(KeyError, ValueError):
+    """A name that is not registered (a ``KeyError`` for lookups, a ``ValueError`` for user input); the message
+    lists the names that exist."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class Registry(Generic[T]):
@@ -41,16 +49,26 @@ class Registry(Generic[T]):
         """The item named ``name``.
 
         Raises:
-            ValueError: unknown name, listing the known ones.
+            UnknownNameError: unknown name, listing the known ones.
         """
         try:
             return self._items[name]
         except (KeyError, TypeError):
-            raise ValueError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}") from None
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}") from None
+
+    def unregister(self, name: str) -> T:
+        """Removes and returns the item named ``name`` (for tests and plugins that replace one).
+
+        Raises:
+            UnknownNameError: unknown name.
+        """
+        item = self.get(name)
+        del self._items[name]
+        return item
 
     def names(self, pattern: str = "*") -> list[str]:
         """Registered names matching a wildcard pattern, sorted."""
-        return sorted(n for n in self._items if fnmatch.fnmatch(n, pattern))
+        return sorted(n for n in self._items if fnmatch.fnmatchcase(n, pattern))
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

@@ -7,7 +7,6 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from torch import nn
 
 from polyglean.models.checkpoint import STRIP_MODULE, KeyMap
 from polyglean.models.preprocess import Preprocess
+from polyglean.registry import Registry
 
 __all__ = ["ModelPreset", "get_preset", "list_models", "register_preset", "unregister_preset"]
 
@@ -46,7 +46,7 @@ class ModelPreset:
     key_map: KeyMap = field(default=STRIP_MODULE)
 
 
-_PRESETS: dict[str, ModelPreset] = {}
+_PRESETS: Registry[ModelPreset] = Registry("model preset")
 
 
 def register_preset(preset: ModelPreset) -> ModelPreset:
@@ -64,9 +64,7 @@ def register_preset(preset: ModelPreset) -> ModelPreset:
     """
     if ":" in preset.name:
         raise ValueError(f"preset name {preset.name!r} must not contain ':' (reserved for 'torchvision:' and 'timm:')")
-    if preset.name in _PRESETS:
-        raise ValueError(f"a model preset named {preset.name!r} is already registered; pick another name")
-    _PRESETS[preset.name] = preset
+    _PRESETS.register(preset.name, preset)
     return preset
 
 
@@ -76,21 +74,16 @@ def unregister_preset(name: str) -> ModelPreset:
     Raises:
         KeyError: no such preset.
     """
-    if name not in _PRESETS:
-        raise KeyError(f"no model preset named {name!r}; presets: {', '.join(sorted(_PRESETS))}")
-    return _PRESETS.pop(name)
+    return _PRESETS.unregister(name)
 
 
 def get_preset(name: str) -> ModelPreset:
     """The preset called ``name``.
 
     Raises:
-        KeyError: no such preset; the message lists those that exist.
+        KeyError: no such preset; the message lists those that exist (also a ``ValueError``).
     """
-    try:
-        return _PRESETS[name]
-    except KeyError:
-        raise KeyError(f"no model preset named {name!r}; presets: {', '.join(sorted(_PRESETS))}") from None
+    return _PRESETS.get(name)
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -103,4 +96,4 @@ def list_models(pattern: str = "*") -> list[str]:
     Args:
         pattern: shell-style wildcards (``fnmatch``), e.g. ``"cifar10-*"``.
     """
-    return sorted(n for n in _PRESETS if fnmatch.fnmatchcase(n, pattern))
+    return _PRESETS.names(pattern)

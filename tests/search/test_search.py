@@ -139,9 +139,9 @@ class TestErrors:
             PhaseSearch(net, budget=budget)
 
     def test_unknown_names_list_the_known(self, net: PhaseNet) -> None:
-        with pytest.raises(ValueError, match="unknown criterion 'entropi'; choose one of: delta, entropy, random"):
+        with pytest.raises(ValueError, match="unknown criterion 'entropi'; choose one of: delta, entropy, learned, random"):
             PhaseSearch(net, criterion="entropi")
-        with pytest.raises(ValueError, match="unknown aggregator 'median'; choose one of: entropy, mean"):
+        with pytest.raises(ValueError, match="unknown aggregator 'median'; choose one of: entropy, learned, mean"):
             PhaseSearch(net, aggregate="median")
         with pytest.raises(ValueError, match="unknown site 'layer7'"):
             PhaseSearch(net, search_space=["layer7"])
