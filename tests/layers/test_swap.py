@@ -169,3 +169,17 @@ def test_unknown_layer() -> None:
 def test_no_subsampling() -> None:
     with pytest.raises(ValueError, match="no subsampling site"):
         swap(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()), "blurpool", input_size=(3, 8, 8))
+
+
+@pytest.mark.parametrize(("layer", "cls"), [("softpool", SoftPool2d), ("adapool", AdaPool2d)])
+def test_pooling_layers_can_replace_strided_convs(originals, layer: str, cls: type) -> None:
+    model, x, _, state, _ = originals["cifar_resnet20"]
+    new = swap(model, layer, input_size=(3, 32, 32), convs=True).eval()
+    block = new.layer2[0]
+    assert block.conv1[0].stride == (1, 1) and isinstance(block.conv1[1], cls) and block.conv1[1].stride == (2, 2)
+    key_map = swap_key_map(new)
+    assert key_map["layer2.0.conv1.weight"] == "layer2.0.conv1.0.weight"
+    with torch.no_grad():
+        assert new(x).shape == model(x).shape
+    unchanged = swap(model, layer, input_size=(3, 32, 32))  # without convs=True: no pooling layer, no change
+    assert unchanged.layer2[0].conv1.stride == (2, 2)

@@ -1,0 +1,112 @@
+"""``polyglean train`` (a few steps on a handful of real CIFAR images) and ``eval --downsample/--shift-consistency``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from polyglean.cli.main import main
+from polyglean.finetune import CHECKPOINT_FORMAT
+
+pytestmark = [pytest.mark.data]
+
+
+@pytest.fixture(scope="module")
+def tiny(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 real CIFAR training images (one of each of 8 classes) as symbolic links in class folders."""
+    root = tmp_path_factory.mktemp("tiny")
+    for cls in sorted(p for p in (shared_data / "cifar10-jpeg" / "train").iterdir() if p.is_dir())[:8]:
+        (root / cls.name).mkdir()
+        for image in sorted(cls.iterdir())[:1]:
+            (root / cls.name / image.name).symlink_to(image)
+    return root
+
+
+def _train(data: Path, out: Path, *extra: str) -> int:
+    return main(["train", "--model", "cifar10-resnet20", "--data", str(data), "--batch-size", "8", "--no-progress",
+                 "--out", str(out), *extra])
+
+
+@pytest.mark.slow
+def test_train_resume_and_eval(shared_data: Path, tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("POLYGLEAN_DATA", str(shared_data))
+    ckpt = tmp_path / "aps.pt"
+    assert _train(tiny, ckpt, "--downsample", "aps", "--epochs", "1") == 0
+    first = torch.load(ckpt, weights_only=True)
+    assert first["format"] == CHECKPOINT_FORMAT and first["epoch"] == 1 and first["total_epochs"] == 1
+    assert (first["model"], first["downsample"]) == ("cifar10-resnet20", "aps")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+    # the cosine schedule spans the epochs given at the start: resuming with more is refused, not silently wrong
+    assert _train(tiny, ckpt, "--downsample", "aps", "--epochs", "2", "--resume") == 2
+    assert "cosine schedule spans 1 epochs" in capsys.readouterr().err
+    assert _train(tiny, ckpt, "--downsample", "aps", "--epochs", "1", "--resume", "--lr", "0.1") == 2
+    assert "lr=0.01 (now 0.1)" in capsys.readouterr().err
+
+    straight = tmp_path / "straight.pt"
+    assert _train(tiny, straight, "--epochs", "2") == 0
+    full = torch.load(straight, weights_only=True)
+    assert full["epoch"] == 2 and len(full["history"]) == 2
+
+    import polyglean.finetune as finetune  # a crash during epoch 2 leaves the checkpoint of epoch 1
+
+    calls = []
+    real = finetune.train_epoch
+
+    def crash_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    crashed = tmp_path / "crashed.pt"
+    monkeypatch.setattr(finetune, "train_epoch", crash_in_epoch_two)
+    assert _train(tiny, crashed, "--epochs", "2") == 130
+    monkeypatch.setattr(finetune, "train_epoch", real)
+    assert torch.load(crashed, weights_only=True)["epoch"] == 1
+    assert _train(tiny, crashed, "--epochs", "2", "--resume") == 0
+    resumed = torch.load(crashed, weights_only=True)
+    assert resumed["epoch"] == 2 and len(resumed["history"]) == 2
+    for key, value in full["state_dict"].items():  # resuming gives what training straight through gives
+        torch.testing.assert_close(resumed["state_dict"][key], value, msg=key)
+
+    out = tmp_path / "e.json"
+    capsys.readouterr()
+    assert main(["eval", "--model", "cifar10-resnet20", "--downsample", "aps", "--weights", str(ckpt), "--data",
+                 str(shared_data / "cifar10-jpeg" / "test"), "--limit", "20", "--budgets", "1",
+                 "--shift-consistency", "--no-progress", "--workers", "0", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["downsample"] == "aps"
+    sc = payload["shift_consistency"]
+    assert sc["protocol"] == "shift" and sc["n_images"] == 20 and 0 <= sc["percent"] <= 100
+    assert "shift consistency (shift, seed 0, 20 images)" in capsys.readouterr().out
+    # the checkpoint records its downsample; loading it as another architecture is refused
+    assert main(["eval", "--model", "cifar10-resnet20", "--weights", str(ckpt), "--data",
+                 str(shared_data / "cifar10-jpeg" / "test"), "--limit", "4", "--budgets", "1", "--no-progress"]) == 2
+    assert "pass --model cifar10-resnet20 --downsample aps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--epochs", "1", "--lr", "-1"], "--lr must be > 0, got -1.0"),
+    (["--epochs", "1", "--limit", "0"], "--limit must be >= 1, got 0"),
+])
+def test_bad_arguments(tiny: Path, tmp_path: Path, argv: list[str], message: str,
+                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert _train(tiny, tmp_path / "x.pt", *argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_downsample_is_an_argparse_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "cifar10-resnet20", "--downsample", "maxblur", "--data", str(tmp_path),
+              "--epochs", "1", "--out", str(tmp_path / "x.pt")])
+
+
+def test_resume_without_checkpoint(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _train(tiny, tmp_path / "none.pt", "--epochs", "1", "--resume") == 2
+    assert "checkpoint not found" in capsys.readouterr().err
