@@ -381,9 +381,12 @@ _STRIDE1: dict[type[PhaseOp], Callable[[SiteSwapContext, fx.Node, PhaseOp], None
 
 def _free_path(gm: fx.GraphModule, block: str, name: str) -> str:
     """``block.name`` (or ``name`` at the root), with a numeric suffix if that attribute exists already."""
-    parent = gm.get_submodule(block) if block else gm
+    try:
+        parent: nn.Module | None = gm.get_submodule(block) if block else gm
+    except AttributeError:  # a block of functional ops only: add_submodule creates it
+        parent = None
     candidate, k = name, 1
-    while hasattr(parent, candidate):
+    while parent is not None and hasattr(parent, candidate):
         candidate, k = f"{name}_{k}", k + 1
     return f"{block}.{candidate}" if block else candidate
 
