@@ -184,6 +184,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     logits: dict[tuple[str, bool, int], list[torch.Tensor]] = {(a, al, b): [] for a, al in variants
                                                                 for b in args.budgets}
     labels: list[torch.Tensor] = []
+    module_alone: dict[bool, list[torch.Tensor]] = {}
     seconds = dict.fromkeys(args.budgets, 0.0)
     flops = dict.fromkeys(args.budgets, 0.0)
     forward = 0.0
@@ -200,6 +201,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 logits[(a, al, b)].append(out.float())
             seconds[b] += result.seconds_by_budget[b]
             flops[b] += result.flops_by_budget[b]
+        for al, module in modules.items():  # control: the trained module on the default state alone
+            with torch.no_grad():
+                alone = net.head(module(result.features[:, :1], result.shift[:, :1]))
+            module_alone.setdefault(al, []).append(alone.float())
         forward += result.forward_flops
         labels.append(y)
         correct += int((result.logits[top].argmax(-1) == y).sum())
@@ -215,6 +220,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                    **classification_metrics(torch.cat(logits[(a, al, b)]), target, reference)}
             row.update(n_images=len(target), seconds=seconds[b], forward_equivalents=flops[b] / forward)
             results.append(row)
+    plain = torch.cat(logits[(variants[0][0], variants[0][1], 1)]) if 1 in args.budgets else None
+    for al, parts in module_alone.items():
+        # Not a search result: the learned module applied to the plain model's features, with no other candidate.
+        # What it gains here is adaptation of the features to the training data, not gleaned phases.
+        row = {"aggregate": "learned@default", "align": al, "budget": 1,
+               **classification_metrics(torch.cat(parts), target, plain)}
+        row.update(n_images=len(target), seconds=seconds.get(1, 0.0), forward_equivalents=1.0)
+        results.append(row)
     shift_consistency = eval_shift.measure(args, model, preprocess, dataset)
     return {
         "model": args.model,

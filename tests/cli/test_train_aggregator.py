@@ -46,7 +46,7 @@ def test_eval_learned(shared_data: Path, trained: Path, tmp_path: Path) -> None:
                  "--aggregator", str(trained), "--json", str(out), "--no-progress"]) == 0
     rows = {(r["aggregate"], r["budget"]): r for r in json.loads(out.read_text())["results"]}
     assert rows[("learned", 1)]["top1"] == rows[("mean", 1)]["top1"]
-    assert {a for a, _ in rows} == {"mean", "learned"}
+    assert {a for a, _ in rows} == {"mean", "learned", "learned@default"}  # + the module on the default state alone
     module = load_aggregator(trained)
     assert module.meta["model"] == "cifar10-resnet20"
 
