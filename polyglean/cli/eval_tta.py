@@ -172,7 +172,7 @@ def collect_views(search: Any, augs: list[Any], dataset: Dataset[Any], budgets: 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the TTA evaluation that ``args`` describe and returns the JSON payload."""
-    from polyglean.data import DataError, ImageDataset, limit_dataset
+    from polyglean.data import ImageDataset, limit_dataset
     from polyglean.models import load_model
     from polyglean.phase.net import PhaseNet
     from polyglean.search import PhaseSearch
@@ -196,9 +196,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 "search_space": [s.name for s in search.search_space]}
 
     def views_of(root: str, part: str, limit: int | None, what: str) -> Any:
-        dataset = ImageDataset(root, preprocess, num_classes=num_classes)
-        if max(dataset.targets) >= num_classes:
-            raise DataError(f"label {max(dataset.targets)} out of range for a model with {num_classes} classes")
+        dataset = ImageDataset(root, preprocess, num_classes=num_classes)  # checks the labels' range
         dataset = limit_dataset(_part(dataset, part), limit, spread=True)
         key = {**settings, "data": str(Path(root).resolve()), "part": part, "limit": limit}
         return collect_views(search, policy, dataset, phase_budgets, key=key, cache=args.tta_cache,

@@ -33,7 +33,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -406,10 +405,3 @@ def compose(*ops: Augmentation) -> Augmentation:
         return Identity()
     return flat[0] if len(flat) == 1 else Compose(tuple(flat))
 
-
-AugmentationFactory = Callable[..., Augmentation]
-
-
-def names(augmentations: Sequence[Augmentation]) -> list[str]:
-    """The names of ``augmentations``, in order."""
-    return [a.name for a in augmentations]
