@@ -196,6 +196,7 @@ def save_aggregator(path: str | Path, module: AttentionAggregator, *, meta: dict
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,41 @@
+"""The aggregators shipped in the package: present, loadable, and made for the presets' own weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from polyglean.aggregate import load_aggregator, model_fingerprint, shipped_aggregator
+from polyglean.cli.main import main
+from polyglean.models import load_model
+
+SHIPPED = ["cifar10-resnet20", "imagenet-efficientnet-lite0"]
+
+
+@pytest.mark.parametrize("preset", SHIPPED)
+def test_shipped_and_loadable(preset: str) -> None:
+    path = shipped_aggregator(preset)
+    assert path is not None, f"no aggregator shipped for {preset}"
+    module = load_aggregator(path, model=preset)
+    assert module.meta["training"]["criterion"] == "random"
+    assert path.stat().st_size < 4_000_000  # small enough to ship
+    assert shipped_aggregator("cifar10-resnet32") is None
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("preset", SHIPPED)
+def test_made_for_the_preset_weights(shared_data: Path, preset: str) -> None:
+    model, _ = load_model(preset)
+    load_aggregator(shipped_aggregator(preset), model=preset, fingerprint=model_fingerprint(model))
+
+
+@pytest.mark.data
+def test_eval_uses_the_shipped_one(shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", "cifar10-resnet20", "--data", str(shared_data / "cifar10-jpeg" / "test"),
+                 "--limit", "8", "--budgets", "1,4", "--aggregate", "learned", "--json", str(out),
+                 "--no-progress"]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["config"]["aggregators"]["aligned"]["path"] == str(shipped_aggregator("cifar10-resnet20"))
