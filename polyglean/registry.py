@@ -70,6 +70,12 @@ class Registry(Generic[T]):
         """Registered names matching a wildcard pattern, sorted."""
         return sorted(n for n in self._items if fnmatch.fnmatchcase(n, pattern))
 
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
 

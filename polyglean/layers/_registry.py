@@ -1,16 +1,17 @@
-"""A small registry of the downsampling layers: name -> Module class."""
+"""The registry of the downsampling layers: name -> Module class (a :class:`polyglean.registry.Registry`)."""
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from torch import nn
 
+from polyglean.registry import Registry
+
 __all__ = ["LAYERS", "create_layer", "get_layer", "list_layers", "register_layer"]
 
-LAYERS: dict[str, type[nn.Module]] = {}
+LAYERS: Registry[type[nn.Module]] = Registry("layer")
 
 ModuleT = TypeVar("ModuleT", bound=type[nn.Module])
 
@@ -30,10 +31,10 @@ def register_layer(name: str) -> Callable[[ModuleT], ModuleT]:
             raise TypeError(f"only nn.Module subclasses can be registered, got {cls!r} for name {name!r}")
         if name in LAYERS:
             raise ValueError(
-                f"layer name {name!r} is already registered to {LAYERS[name].__qualname__}; "
+                f"layer name {name!r} is already registered to {LAYERS.get(name).__qualname__}; "
                 f"choose another name for {cls.__qualname__}"
             )
-        LAYERS[name] = cls
+        LAYERS.register(name, cls)
         return cls
 
     return decorator
@@ -41,7 +42,7 @@ def register_layer(name: str) -> Callable[[ModuleT], ModuleT]:
 
 def list_layers(pattern: str = "*") -> list[str]:
     """Sorted names of the registered layers matching a shell-style wildcard, e.g. ``"*pool"``."""
-    return sorted(n for n in LAYERS if fnmatch.fnmatchcase(n, pattern))
+    return LAYERS.names(pattern)
 
 
 def get_layer(name: str | type[nn.Module]) -> type[nn.Module]:
@@ -54,11 +55,7 @@ def get_layer(name: str | type[nn.Module]) -> type[nn.Module]:
         return name
     if not isinstance(name, str):
         raise TypeError(f"layer must be a registered name or an nn.Module class, got {name!r}")
-    try:
-        return LAYERS[name]
-    except KeyError:
-        known = ", ".join(repr(n) for n in list_layers())
-        raise ValueError(f"unknown layer {name!r}; known layers: {known}") from None
+    return LAYERS.get(name)
 
 
 def create_layer(name: str | type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
