@@ -70,6 +70,12 @@ class CandidateSet:
         d = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return cls(d["features"], d["shift"], d["labels"], d["meta"])
 
+    def split(self, at: int) -> tuple[CandidateSet, CandidateSet]:
+        """The first ``at`` images and the rest (e.g. to hold some out for validation)."""
+        first = CandidateSet(self.features[:at], self.shift[:at], self.labels[:at], dict(self.meta))
+        rest = CandidateSet(self.features[at:], self.shift[at:], self.labels[at:], dict(self.meta))
+        return first, rest
+
     def aligned(self, factor: tuple[int, int], dims: tuple[int, int], chunk: int = 256) -> CandidateSet:
         """The same set with every feature map aligned onto the default grid."""
         out = torch.empty_like(self.features)

@@ -29,6 +29,8 @@ def add_parser(sub: Any, name: str) -> None:
     p.add_argument("--subset", help="START:STOP of a fixed shuffled order of --data (e.g. 0:20000)")
     p.add_argument("--val-data", help="validation images (accuracy reported after every epoch)")
     p.add_argument("--val-subset", help="START:STOP of a fixed shuffled order of --val-data (e.g. 20000:22000)")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="without --val-data: validate on the last N training images instead of training on them")
     p.add_argument("--budget", type=int, default=30,
                    help="candidates per image while training (default 30, as the paper; capped at the number of "
                         "states of the search space)")
@@ -152,6 +154,14 @@ def run(args: argparse.Namespace) -> int:
     if args.val_data:
         val = _candidates(args, search, args.val_data, args.val_subset, preprocess, num_classes, cache_meta,
                           "validation")
+    if args.holdout:
+        if val is not None:
+            raise ValueError("give either --val-data or --holdout, not both")
+        if not 0 < args.holdout < len(train):
+            raise ValueError(f"--holdout must be between 1 and {len(train) - 1} (the training images), "
+                             f"got {args.holdout}")
+        cut = len(train) - args.holdout
+        train, val = train.split(cut)
     if align:
         train = train.aligned(grid, net.feature_dims)
         val = val.aligned(grid, net.feature_dims) if val is not None else None
@@ -175,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
     if baseline is not None and start == 0:
         print("validation, plain average: " + "  ".join(f"B={b} {v['top1']:.2f}" for b, v in baseline.items()))
     setup = {"train": {"data": args.data, "subset": args.subset, "images": len(train)},
-             "val": {"data": args.val_data, "subset": args.val_subset, "images": len(val) if val else 0},
+             "val": {"data": args.val_data, "subset": args.val_subset, "holdout": args.holdout,
+                     "images": len(val) if val else 0},
              "budget": budget, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
              "weight_decay": args.weight_decay, "seed": args.seed, "criterion": "random",
              "machine": machine()}

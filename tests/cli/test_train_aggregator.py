@@ -65,3 +65,17 @@ def test_refusals(shared_data: Path, trained: Path, tmp_path: Path, capsys: pyte
     assert main(["train-aggregator", "--model", "cifar10-resnet20", "--data", test, "--epochs", "0",
                  "--out", str(tmp_path / "a.pt")]) == 2
     assert "--epochs must be >= 1" in capsys.readouterr().err
+
+
+def test_holdout(shared_data: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train = str(shared_data / "cifar10-jpeg" / "train")
+    base = ["train-aggregator", "--model", "cifar10-resnet20", "--data", train, "--subset", "0:48", "--epochs", "1",
+            "--cache", str(trained.parent / "cache"), "--no-progress"]  # the candidates cached by the fixture
+    assert main([*base, "--holdout", "16", "--out", str(tmp_path / "h.pt")]) == 0
+    meta = torch.load(tmp_path / "h.pt", weights_only=True)["meta"]["training"]
+    assert meta["train"]["images"] == 32 and meta["val"]["images"] == 16 and meta["val"]["holdout"] == 16
+    assert "val top-1" in capsys.readouterr().out
+    assert main([*base, "--holdout", "48", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "--holdout must be between 1 and 47" in capsys.readouterr().err
+    assert main([*base, "--holdout", "8", "--val-data", train, "--out", str(tmp_path / "y.pt")]) == 2
+    assert "either --val-data or --holdout" in capsys.readouterr().err
