@@ -113,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.holdout and args.val_data:
+        raise ValueError("give either --val-data or --holdout, not both")
     out = Path(args.out)
     resume = read_checkpoint(out) if args.resume else None
     if args.resume is False and out.exists():
@@ -155,8 +157,6 @@ def run(args: argparse.Namespace) -> int:
         val = _candidates(args, search, args.val_data, args.val_subset, preprocess, num_classes, cache_meta,
                           "validation")
     if args.holdout:
-        if val is not None:
-            raise ValueError("give either --val-data or --holdout, not both")
         if not 0 < args.holdout < len(train):
             raise ValueError(f"--holdout must be between 1 and {len(train) - 1} (the training images), "
                              f"got {args.holdout}")
