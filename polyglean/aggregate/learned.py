@@ -190,6 +190,11 @@ def save_aggregator(path: str | Path, module: AttentionAggregator, *, meta: dict
             raise ValueError(f"aggregator metadata lacks {key!r}")
     payload = {"format": FORMAT, "version": VERSION, "config": dict(module.config), "meta": meta,
                "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}, **(extra or {})}
+    save_atomic(payload, path)
+
+
+def save_atomic(payload: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``: never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from polyglean.aggregate.align import align as align_features
-from polyglean.aggregate.learned import AttentionAggregator
+from polyglean.aggregate.learned import AttentionAggregator, save_atomic
 
 __all__ = ["CandidateSet", "accuracy_by_budget", "collect_candidates", "train_epoch"]
 
@@ -49,20 +49,7 @@ class CandidateSet:
 
     def save(self, path: str | Path) -> None:
         """Writes the set atomically (temporary file, then rename)."""
-        import os
-        import tempfile
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save({"features": self.features, "shift": self.shift, "labels": self.labels, "meta": self.meta},
-                       tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_atomic({"features": self.features, "shift": self.shift, "labels": self.labels, "meta": self.meta}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> CandidateSet:
