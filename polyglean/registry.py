@@ -5,13 +5,14 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
+from polyglean.errors import ArgumentError
 
 T = TypeVar("T")
 
 __all__ = ["Registry", "UnknownNameError"]
 
 
-class UnknownNameError(KeyError, ValueError):
+class UnknownNameError(ArgumentError, KeyError):
     """A name that is not registered (a ``KeyError`` for lookups, a ``ValueError`` for user input); the message
     lists the names that exist."""
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from polyglean.aggregate.aggregators import AGGREGATORS, Aggregator
+from polyglean.errors import CheckpointError
 
 __all__ = [
     "AggregatorCheckpointError",
@@ -37,7 +38,7 @@ FORMAT = "polyglean.aggregator"
 VERSION = 1
 
 
-class AggregatorCheckpointError(ValueError):
+class AggregatorCheckpointError(CheckpointError):
     """A learned-aggregator checkpoint is unreadable, malformed, or made for another model."""
 
 

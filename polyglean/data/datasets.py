@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
+from polyglean.errors import DataError
 
 __all__ = ["IMAGE_EXTENSIONS", "DataError", "ImageDataset", "limit_dataset"]
 
@@ -38,9 +39,6 @@ _LAYOUTS = (
 )
 _SHOW = 5
 
-
-class DataError(ValueError):
-    """A data set that cannot be read as described: missing files, bad labels, corrupt images."""
 
 
 def _is_image(name: str) -> bool:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from polyglean.errors import CheckpointError
 
 __all__ = [
     "STRIP_MODULE",
@@ -35,9 +36,6 @@ __all__ = [
 _NESTED_KEYS = ("state_dict", "model")
 _SHOW = 5
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or whose keys or shapes do not match the model."""
 
 
 def _first(items: Iterable[str], n: int = _SHOW) -> str:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch.hub
+from polyglean.errors import WeightsUnavailableError
 
 __all__ = ["WeightsUnavailableError", "default_search_dirs", "download_weights", "find_weights"]
 
@@ -28,9 +29,6 @@ log = logging.getLogger(__name__)
 _REPO = Path(__file__).resolve().parents[2]
 _NETWORK_ERRORS = (urllib.error.URLError, OSError, ConnectionError, TimeoutError)
 
-
-class WeightsUnavailableError(RuntimeError):
-    """Weights that are neither on disk nor downloadable (usually: offline)."""
 
 
 def hub_cache_dir() -> Path:

@@ -12,12 +12,10 @@ from torch import Tensor, fx, nn
 
 from polyglean.sites.ops import PhaseOp, function_kinds, is_module_kind, match_function, match_module
 from polyglean.sites.trace import NodeInfo, record, trace
+from polyglean.errors import UnsupportedOpError
 
 __all__ = ["Discovery", "Site", "UnsupportedOpError", "discover"]
 
-
-class UnsupportedOpError(ValueError):
-    """A part of the model subsamples in a way no registered op kind can run at other phases."""
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,10 @@ import torch
 from torch import Tensor, fx, nn
 
 from polyglean.sites.ops import is_module_kind
+from polyglean.errors import TraceError
 
 __all__ = ["NodeInfo", "TraceError", "record", "trace"]
 
-
-class TraceError(RuntimeError):
-    """The model (or a part of it) cannot be traced by torch.fx."""
 
 
 def _timm_notrace() -> tuple[set[type[nn.Module]], list[Callable[..., Any]]]:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from polyglean.registry import Registry
+from polyglean.errors import ArgumentError
 
 __all__ = [
     "TTA_AGGREGATORS",
@@ -57,7 +58,7 @@ FORMAT = "polyglean-tta"
 VERSION = 1
 
 
-class FitError(ValueError):
+class FitError(ArgumentError):
     """Fitted state that is missing, does not fit the data, or was made for another model or policy."""
 
 
