@@ -170,3 +170,13 @@ def test_mismatch_refused(tmp_path: Path) -> None:
         ClassTTA().load_state_dict(state)
     with pytest.raises(ValueError, match="fitted on 3 views"):
         AugTTA().fit(z, y)(z[:, :2])
+
+
+def test_fit_for_other_weights_refused(tmp_path: Path) -> None:
+    z, y = _toy(50)
+    path = tmp_path / "tta.pt"
+    views = ["identity", "hflip", "x"]
+    save_fitted(path, {"augtta": AugTTA().fit(z, y)}, model="m", policy="flip", views=views, fingerprint="a" * 64)
+    assert "augtta" in load_fitted(path, model="m", policy="flip", views=views, fingerprint="a" * 64)
+    with pytest.raises(FitError, match="fitted for other weights of 'm'"):
+        load_fitted(path, model="m", policy="flip", views=views, fingerprint="b" * 64)
