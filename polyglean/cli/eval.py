@@ -208,6 +208,11 @@ def _check_tta(args: argparse.Namespace, aggregates: list[str]) -> None:
         raise ArgumentError("--tta-fit-limit and --tta-fit-part select images of --tta-fit-data; give it")
     if args.tta_fit_data and not Path(args.tta_fit_data).is_dir():
         raise ArgumentError(f"--tta-fit-data folder not found: {args.tta_fit_data}")
+    if args.tta_cache:
+        cache = Path(args.tta_cache)
+        if cache.exists() and not cache.is_dir():
+            raise ArgumentError(f"--tta-cache {args.tta_cache!r} is a file; give a folder")
+        check_outputs(tta_cache=str(cache / "probe"))  # the folder can be created and written
 
 
 # ------------------------------------------------------------------------------------------------ shared steps

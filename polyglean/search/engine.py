@@ -24,6 +24,7 @@ from torch import Tensor
 
 from polyglean.aggregate import AGGREGATORS, Aggregator, alignment_factor, displacement
 from polyglean.aggregate import align as align_features
+from polyglean.errors import ArgumentError
 from polyglean.phase.net import PhaseNet
 from polyglean.search.criteria import CRITERIA, Criterion
 from polyglean.sites import Site
@@ -195,6 +196,8 @@ class PhaseSearch:
         wanted = sorted({self._check_budget(b) for b in (budgets or [self.budget])})
         top = wanted[-1]
         n = x.shape[0]
+        if n == 0:
+            raise ArgumentError("the batch is empty (0 images): there is nothing to search")
         sites = net.sites
         space = [s.index for s in self.search_space]
         entry = [net.entry_segment(k) for k in space]

@@ -65,7 +65,7 @@ class FitError(ArgumentError):
 def _check_logits(logits: Tensor) -> Tensor:
     if not isinstance(logits, Tensor) or logits.dim() != 3:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise ValueError(f"TTA aggregators take logits (N, A, K) of A views, got {shape}")
+        raise ArgumentError(f"TTA aggregators take logits (N, A, K) of A views, got {shape}")
     return logits.float()
 
 
@@ -73,7 +73,7 @@ def _check_budget(budget: int | None) -> int | None:
     if budget is None:
         return None
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"TTA budget must be an int >= 1 (views), got {budget!r}")
+        raise ArgumentError(f"TTA budget must be an int >= 1 (views), got {budget!r}")
     return budget
 
 
@@ -98,7 +98,7 @@ class TTAAggregator:
     def views(self, num_views: int) -> list[int]:
         """Indices of the views a prediction needs, for a policy of ``num_views`` views."""
         if self.budget is not None and self.budget > num_views:
-            raise ValueError(f"TTA budget {self.budget} exceeds the policy's {num_views} views; "
+            raise ArgumentError(f"TTA budget {self.budget} exceeds the policy's {num_views} views; "
                              f"choose a budget <= {num_views}")
         return list(range(num_views if self.budget is None else self.budget))
 
@@ -115,7 +115,7 @@ class TTAAggregator:
         if self.needs_fit and not self.fitted:
             raise FitError(f"{self.name} must be fitted (or its state loaded) before use")
         if self.num_views is not None and logits.shape[1] != self.num_views:
-            raise ValueError(f"{self.name} was fitted on {self.num_views} views, got logits of {logits.shape[1]}")
+            raise ArgumentError(f"{self.name} was fitted on {self.num_views} views, got logits of {logits.shape[1]}")
         return self.combine(logits)
 
     @property
@@ -274,7 +274,7 @@ class _Weighted(TTAAggregator):
     def __init__(self, budget: int | None = None, *, l2: float = 0.0, max_iter: int = 200) -> None:
         super().__init__(budget)
         if l2 < 0:
-            raise ValueError(f"l2 must be >= 0, got {l2}")
+            raise ArgumentError(f"l2 must be >= 0, got {l2}")
         self.l2 = l2
         self.max_iter = max_iter
         self.theta: Tensor | None = None
@@ -301,7 +301,7 @@ class _Weighted(TTAAggregator):
     def fit(self, logits: Tensor, labels: Tensor) -> _Weighted:
         logits = _check_logits(logits)
         if logits.shape[0] != labels.shape[0]:
-            raise ValueError(f"{logits.shape[0]} rows of logits but {labels.shape[0]} labels")
+            raise ArgumentError(f"{logits.shape[0]} rows of logits but {labels.shape[0]} labels")
         self.num_views = logits.shape[1]
         z = logits[:, self.views(logits.shape[1])].double()
         theta = torch.zeros(self._shape(z.shape[1], z.shape[2]), dtype=torch.float64, requires_grad=True)

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torch import Tensor
 
+from polyglean.errors import ArgumentError
+
 __all__ = [
     "Augmentation",
     "Brightness",
@@ -77,7 +79,7 @@ class Pixels:
 
     def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.shape[1] != len(self.mean):
-            raise ValueError(f"{len(self.mean)}-channel normalisation applied to a batch with {x.shape[1]} channels")
+            raise ArgumentError(f"{len(self.mean)}-channel normalisation applied to a batch with {x.shape[1]} channels")
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
         return mean, std
@@ -101,7 +103,7 @@ class Pixels:
 def _check(x: Tensor) -> Tensor:
     if not isinstance(x, Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"augmentations take a batch (N, C, H, W), got {shape}")
+        raise ArgumentError(f"augmentations take a batch (N, C, H, W), got {shape}")
     return x
 
 
@@ -178,7 +180,7 @@ class PadCrop(Augmentation):
 
     def __post_init__(self) -> None:
         if self.pad < 0 or not (0 <= self.top <= 2 * self.pad and 0 <= self.left <= 2 * self.pad):
-            raise ValueError(f"PadCrop window ({self.top}, {self.left}) out of range for pad {self.pad}: "
+            raise ArgumentError(f"PadCrop window ({self.top}, {self.left}) out of range for pad {self.pad}: "
                              f"need 0 <= top, left <= {2 * self.pad}")
 
     @property
@@ -209,9 +211,9 @@ class ResizedCrop(Augmentation):
 
     def __post_init__(self) -> None:
         if not 0 < self.size <= 1:
-            raise ValueError(f"ResizedCrop size must be in (0, 1], got {self.size}")
+            raise ArgumentError(f"ResizedCrop size must be in (0, 1], got {self.size}")
         if not (0 <= self.fy <= 1 and 0 <= self.fx <= 1):
-            raise ValueError(f"ResizedCrop position ({self.fy}, {self.fx}) must lie in [0, 1]")
+            raise ArgumentError(f"ResizedCrop position ({self.fy}, {self.fx}) must lie in [0, 1]")
 
     @property
     def name(self) -> str:
@@ -248,7 +250,7 @@ class Scale(Augmentation):
 
     def __post_init__(self) -> None:
         if not self.factor > 0:
-            raise ValueError(f"Scale factor must be > 0, got {self.factor}")
+            raise ArgumentError(f"Scale factor must be > 0, got {self.factor}")
 
     @property
     def name(self) -> str:
@@ -375,7 +377,7 @@ class Compose(Augmentation):
 
     def __post_init__(self) -> None:
         if not self.ops:
-            raise ValueError("Compose needs at least one augmentation")
+            raise ArgumentError("Compose needs at least one augmentation")
         bad = [op for op in self.ops if not isinstance(op, Augmentation)]
         if bad:
             raise TypeError(f"Compose takes Augmentation objects, got {bad[0]!r}")

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from polyglean.errors import CheckpointError
+from polyglean.errors import ArgumentError, CheckpointError
 from polyglean.io import load_torch, write_torch
 from polyglean.tta.combine import ViewLogits
 
@@ -75,7 +75,7 @@ class ViewCache:
     def put(self, views: ViewLogits) -> None:
         """Stores every view of ``views`` (with labels), unless an entry already covers more budgets."""
         if views.labels is None:
-            raise ValueError("ViewCache.put needs the labels of the images")
+            raise ArgumentError("ViewCache.put needs the labels of the images")
         n = int(views.logits.shape[2])
         for name in views.views:
             old = self._read(name, n)

@@ -21,12 +21,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from polyglean.errors import ArgumentError, DataError
 from polyglean.search import PhaseSearch
 from polyglean.tta.aggregators import TTAAggregator
 from polyglean.tta.augment import Augmentation
@@ -58,7 +58,7 @@ class ViewLogits:
 
     def _budget(self, budget: int) -> int:
         if budget not in self.budgets:
-            raise ValueError(f"phase budget {budget} was not computed; have {self.budgets}")
+            raise ArgumentError(f"phase budget {budget} was not computed; have {self.budgets}")
         return self.budgets.index(budget)
 
     def at(self, budget: int) -> Tensor:
@@ -75,7 +75,7 @@ class ViewLogits:
         """The views ``names``, in that order."""
         missing = [n for n in names if n not in self.views]
         if missing:
-            raise ValueError(f"views {missing} not computed; have {self.views}")
+            raise ArgumentError(f"views {missing} not computed; have {self.views}")
         idx = [self.views.index(n) for n in names]
         return ViewLogits(list(names), list(self.budgets), self.logits[idx], self.flops[idx], self.seconds[idx],
                           self.forward_flops, self.labels)
@@ -85,7 +85,7 @@ class ViewLogits:
         """Views of the same images and budgets, side by side."""
         first = parts[0]
         if any(p.budgets != first.budgets or p.logits.shape[2:] != first.logits.shape[2:] for p in parts):
-            raise ValueError("ViewLogits.stack needs the same images, classes and budgets in every part")
+            raise ArgumentError("ViewLogits.stack needs the same images, classes and budgets in every part")
         return ViewLogits([v for p in parts for v in p.views], list(first.budgets),
                           torch.cat([p.logits for p in parts]), torch.cat([p.flops for p in parts]),
                           torch.cat([p.seconds for p in parts]), first.forward_flops, first.labels)
@@ -125,7 +125,7 @@ def concat_images(parts: Sequence[ViewLogits]) -> ViewLogits:
     """The same views and budgets over consecutive batches of images, as one."""
     first = parts[0]
     if any(p.views != first.views or p.budgets != first.budgets for p in parts):
-        raise ValueError("concat_images needs the same views and budgets in every part")
+        raise ArgumentError("concat_images needs the same views and budgets in every part")
     labels = None if any(p.labels is None for p in parts) else torch.cat([p.labels for p in parts])  # type: ignore
     return ViewLogits(list(first.views), list(first.budgets), torch.cat([p.logits for p in parts], 2),
                       sum(p.flops for p in parts), sum(p.seconds for p in parts),  # type: ignore[arg-type]
@@ -165,7 +165,6 @@ class AugmentedSearch:
 
     def __init__(self, search: PhaseSearch, policy: Sequence[Augmentation],
                  aggregator: TTAAggregator | None = None) -> None:
-        from polyglean.errors import ArgumentError
         from polyglean.tta.aggregators import MeanTTA
 
         if not policy:
@@ -187,8 +186,6 @@ class AugmentedSearch:
             - batches: ``(x, y)`` with x ``(n, C, H, W)`` and y ``(n,)``, ``total`` images in all
             - output logits: ``(A, P, N, K)``
         """
-        from polyglean.errors import DataError
-
         budgets = sorted(set(budgets))
         found = {a.name: v for a in self.policy if cache is not None
                  and (v := cache.get(a.name, budgets, total)) is not None}

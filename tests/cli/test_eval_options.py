@@ -91,6 +91,27 @@ def test_subset_outside_the_data(folder: Path, capsys: pytest.CaptureFixture[str
     assert "subset 10: is outside the 6 selected images" in err and "Traceback" not in err
 
 
+def test_tta_cache_must_be_a_folder(folder: Path, tmp_path: Path, no_model: None,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("x")
+    assert main(["eval", "--model", "torchvision:resnet18", "--data", str(folder), "--tta", "mean",
+                 "--tta-cache", str(tmp_path / "file")]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--search-space", "nosuch"], "nosuch"),
+    (["--aggregate", "learned"], "no trained aggregator ships for 'torchvision:resnet18'"),
+    (["--tta", "mean", "--tta-budget", "3"], "--tta-budget 3 exceeds the 2 views of policy 'flip'"),
+])
+def test_refused_after_loading(folder: Path, argv: list[str], message: str,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--model", "torchvision:resnet18", "--data", str(folder), "--budgets", "1,2",
+                 "--no-progress", "--workers", "0", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_a_bug_keeps_its_traceback(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(args: object) -> int:
         raise TypeError("a bug")
