@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from polyglean.cli.eval import machine, write_json_atomic
+from polyglean.io import write_json as write_json_atomic
+from polyglean.provenance import machine
 from polyglean.data import ImageDataset, limit_dataset
 from polyglean.models import load_model
 from polyglean.phase.net import PhaseNet

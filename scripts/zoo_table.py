@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from polyglean.cli.eval import machine, write_json_atomic
+from polyglean.io import write_json as write_json_atomic
+from polyglean.provenance import machine
 from polyglean.finetune import build_model
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from polyglean.cli._args import add_model_arguments
+from polyglean.cli._common import add_model_arguments
 from polyglean.provenance import machine
 
 

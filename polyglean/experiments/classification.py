@@ -148,7 +148,9 @@ def _search(net: PhaseNet, config: ClassificationConfig, top: int
     variants = config.variants()
     by_variant: dict[Variant, Any] = {(a, al): config.learned[al] if a == "learned" else a for a, al in variants}
     if config.criterion == "learned":  # the criterion reads the attention of a module, at its own alignment
-        module = config.learned.get(config.aligns[0]) or next(iter(config.learned.values()))
+        module = config.learned.get(config.aligns[0])
+        if module is None:
+            module = next(iter(config.learned.values()))
         aggregate, align = module, bool(module.meta["align"])  # type: ignore[attr-defined]
         own = ("learned", align) if ("learned", align) in by_variant else None
     else:
