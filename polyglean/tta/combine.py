@@ -180,7 +180,8 @@ class AugmentedSearch:
         """Every view's searched logits at ``budgets`` over ``total`` labelled images, in policy order.
 
         ``batches`` is read only when some view is not in ``cache`` (a :class:`~polyglean.tta.ViewCache`), and
-        then only the missing views are searched; they are stored in the cache afterwards.
+        then only the missing views are searched (on ``device``); they are stored in the cache afterwards. The
+        collected logits are on the CPU, whether searched or read from the cache.
 
         Shape:
             - batches: ``(x, y)`` with x ``(n, C, H, W)`` and y ``(n,)``, ``total`` images in all
@@ -201,6 +202,7 @@ class AugmentedSearch:
             if not parts:
                 raise DataError("no images to search: the data set is empty")
             computed = concat_images(parts)
+            computed.logits = computed.logits.cpu()  # collected results live on the CPU, as cached ones do
             computed.labels = labels = torch.cat(ys)
             if len(labels) != total:
                 raise DataError(f"expected {total} images, the batches held {len(labels)}")

@@ -24,3 +24,9 @@ def test_bench_writes_ratios(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_bench_bad_budget(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--budget", "0", "--input-size", "64", "64"]) == 2
     assert "budget 0 out of range" in capsys.readouterr().err
+
+
+def test_bench_json_path_checked_first(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--budget", "4", "--input-size", "64", "64", "--json", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a directory" in err and "Traceback" not in err
