@@ -68,3 +68,26 @@ def test_view_logits_select_and_errors(search: PhaseSearch, x: torch.Tensor) -> 
     with pytest.raises(ValueError, match="not computed"):
         views.select(["scale(2)"])
     assert isinstance(ViewLogits.stack([one, views.select(["identity"])]), ViewLogits)
+
+
+def test_collect_then_aggregate_equals_run(search: PhaseSearch, x: torch.Tensor, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from polyglean.tta import ViewCache
+
+    policy = build_policy("flip", (3, 32, 32))
+    tta = AugmentedSearch(search, policy, MeanTTA())
+    y = torch.tensor([0, 1, 2])
+    batches = [(x[:2], y[:2]), (x[2:], y[2:])]
+    cache = ViewCache(tmp_path, {"model": "test"})
+    views = tta.collect(batches, [1, 4], total=3, cache=cache)
+    assert views.views == ["identity", "hflip"] and views.labels.equal(y)
+    out, ran = tta.aggregate(views, [1, 4]), tta.run(x, budgets=[1, 4])
+    for b in (1, 4):
+        assert torch.allclose(out.logits[b], ran.logits[b], atol=1e-6)
+    assert out.forward_equivalents[1] == pytest.approx(2.0)
+
+    def never() -> object:
+        raise AssertionError("the cache should have served every view")
+        yield  # pragma: no cover
+
+    again = tta.collect(never(), [1], total=3, cache=cache)  # a smaller budget from the entries of [1, 4]
+    assert again.at(1).equal(views.at(1)) and again.labels.equal(y)
