@@ -50,7 +50,7 @@ def add_parser(sub: Any, name: str) -> None:
         name,
         help="evaluate the phase search on labelled images",
         description="Run the greedy phase search on every image of a labelled folder and report, per budget, "
-        "top-1/top-5 accuracy, NLL, ECE, the change of top-1 against the plain model (budget 1) with a paired 95%% "
+        "top-1/top-5 accuracy, NLL, ECE, the change of top-1 against the plain model (budget 1) with a paired 95% "
         "bootstrap interval and McNemar's p (images fixed/broken), wall time and forward-pass equivalents (FLOPs). "
         "All budgets come from one search to the largest.",
     )
