@@ -99,8 +99,10 @@ class TTAConfig:
                 TTA_AGGREGATORS.get(name)  # unknown names list the known ones
         POLICIES.get(self.policy)
         AGGREGATORS.get(self.aggregate)
-        if any(b is not None and b < 1 for b in self.view_budgets) or not self.view_budgets:
-            raise ArgumentError(f"--tta-budget must be >= 1, got {min(b or 0 for b in self.view_budgets)}")
+        if not self.view_budgets:
+            raise ArgumentError("no view budget given; use (None,) for every view of the policy")
+        if any(b is not None and b < 1 for b in self.view_budgets):
+            raise ArgumentError(f"--tta-budget must be >= 1, got {min(b for b in self.view_budgets if b is not None)}")
         if not self.phase_budgets or any(b < 1 for b in self.phase_budgets):
             raise ArgumentError(f"budget {min(self.phase_budgets, default=0)} out of range: budgets are >= 1")
         if self.batch_size < 1:

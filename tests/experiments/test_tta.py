@@ -91,3 +91,16 @@ def test_fit_sources(folder: Path, preprocess) -> None:  # type: ignore[no-untyp
         evaluate_tta(net, preprocess, data, TTAConfig(tta=("mean",)), fitted_states={})
     with pytest.raises(ArgumentError, match="named twice"):
         TTAConfig(tta=("mean", "mean"))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"view_budgets": ()}, "no view budget given"),
+    ({"view_budgets": (0, 2)}, "--tta-budget must be >= 1, got 0"),
+    ({"phase_budgets": (0,)}, "budget 0 out of range"),
+    ({"tta": ()}, "no TTA aggregator named"),
+    ({"tta": ("median",)}, "unknown TTA aggregator 'median'"),
+    ({"aggregate": "learned"}, "needs its trained aggregator"),
+])
+def test_bad_tta_config(kwargs: dict, message: str) -> None:
+    with pytest.raises(ArgumentError, match=message):
+        TTAConfig(**kwargs)
