@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from polyglean.aggregate.align import align as align_features
-from polyglean.aggregate.learned import AttentionAggregator, save_atomic
+from polyglean.aggregate.learned import AttentionAggregator
+from polyglean.errors import CheckpointError
+from polyglean.io import load_torch, write_torch
 from polyglean.search import PhaseSearch
 
 __all__ = ["CandidateSet", "accuracy_by_budget", "collect_candidates", "cosine_schedule", "train_epoch"]
@@ -49,13 +51,21 @@ class CandidateSet:
         return self.features.shape[1]
 
     def save(self, path: str | Path) -> None:
-        """Writes the set atomically (temporary file, then rename)."""
-        save_atomic({"features": self.features, "shift": self.shift, "labels": self.labels, "meta": self.meta}, path)
+        """Writes the set atomically (:func:`polyglean.io.write_torch`)."""
+        write_torch(path, {"features": self.features, "shift": self.shift, "labels": self.labels, "meta": self.meta})
 
     @classmethod
     def load(cls, path: str | Path) -> CandidateSet:
-        """Reads a set written by :meth:`save` (``weights_only=True``, memory-mapped)."""
-        d = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        """Reads a set written by :meth:`save` (:func:`polyglean.io.load_torch`, memory-mapped).
+
+        Raises:
+            CheckpointError: unreadable, or not a candidate set.
+        """
+        d = load_torch(path, "candidate cache", mmap=True)
+        keys = ("features", "shift", "labels", "meta")
+        if not isinstance(d, dict) or any(k not in d for k in keys):
+            raise CheckpointError(f"candidate cache {str(path)!r} is not a set of cached candidates "
+                                  f"(expected the keys {', '.join(keys)})")
         return cls(d["features"], d["shift"], d["labels"], d["meta"])
 
     def split(self, at: int) -> tuple[CandidateSet, CandidateSet]:

@@ -14,9 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import os
-import pickle
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +25,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
+from polyglean.io import load_torch, write_torch
 from polyglean.layers import swap
 from polyglean.models import CheckpointError, Preprocess, load_model, load_state_dict_strict
+from polyglean.models.checkpoint import CheckpointNotFoundError
 from polyglean.registry import Registry
 
 __all__ = [
@@ -88,39 +87,27 @@ def build_model(spec: str, downsample: str | None = None, *, weights: str | Path
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint written by :func:`save_checkpoint`, read with ``torch.load(..., weights_only=True)``.
+    """A checkpoint written by :func:`save_checkpoint`, read by :func:`polyglean.io.load_torch` (``weights_only``).
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        CheckpointNotFoundError: ``path`` does not exist (also a ``FileNotFoundError``).
         CheckpointError: not a readable checkpoint of this format.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable checkpoint: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
+    payload = load_torch(path, "fine-tuning checkpoint")
     if not isinstance(payload, Mapping) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a polyglean fine-tuning checkpoint (format {CHECKPOINT_FORMAT!r})")
     return dict(payload)
 
 
 def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
-    """Writes ``payload`` (with ``format`` added) to a temporary file beside ``path`` and renames it over ``path``.
+    """Writes ``payload`` (with ``format`` added) atomically with :func:`polyglean.io.write_torch`.
 
     A crash while writing leaves the previous checkpoint intact.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save({**payload, "format": CHECKPOINT_FORMAT}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_torch(path, {**payload, "format": CHECKPOINT_FORMAT})
 
 
 def load_finetuned(spec: str, downsample: str | None, path: str | Path) -> tuple[nn.Module, Preprocess]:

@@ -28,7 +28,7 @@ def test_save_checkpoint_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert read_checkpoint(path)["epoch"] == 1 and read_checkpoint(path)["format"] == CHECKPOINT_FORMAT
 
     def broken_save(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"half a checkpoint")
+        f.write(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
