@@ -1,4 +1,4 @@
-"""Data: labelled image folders (class sub-folders or ``images/`` + ``labels.csv``) and subsets."""
+"""Data: labelled image folders (class sub-folders or ``images/`` + ``labels.csv``), subsets and loaders."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from polyglean.data.datasets import (
     ImageDataset,
     limit_dataset,
     parse_subset,
+    read_rgb,
     subset_dataset,
 )
+from polyglean.data.loader import CheckedLoader, make_loader
 
-__all__ = ["IMAGE_EXTENSIONS", "DataError", "ImageDataset", "limit_dataset", "parse_subset", "subset_dataset"]
+__all__ = ["IMAGE_EXTENSIONS", "CheckedLoader", "DataError", "ImageDataset", "limit_dataset", "make_loader",
+           "parse_subset", "read_rgb", "subset_dataset"]
