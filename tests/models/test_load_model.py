@@ -91,14 +91,25 @@ def test_cifar_preset_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         load_model("cifar10-resnet20")
 
 
-def test_cifar_preset_found_in_search_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.data
+def test_cifar_preset_found_in_search_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_data: Path) -> None:
     monkeypatch.setattr(torch.hub, "download_url_to_file", _offline)
     monkeypatch.setattr(presets_module, "default_search_dirs", lambda subdir: [tmp_path])
-    from polyglean.models import cifar_resnet32
-
-    torch.save({"state_dict": cifar_resnet32().state_dict()}, tmp_path / "resnet32-d509ac18.th")
+    (tmp_path / "resnet32-d509ac18.th").symlink_to(shared_data / "weights" / "cifar10-resnet" / "resnet32-d509ac18.th")
     model, _ = load_model("cifar10-resnet32")
     assert len(model.layer1) == 5
+
+
+def test_a_file_that_is_not_the_published_one_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _offline)
+    monkeypatch.setattr(presets_module, "default_search_dirs", lambda subdir: [tmp_path])
+    from polyglean.models import CheckpointError, cifar_resnet32
+
+    stale = cifar_resnet32().state_dict()  # the right keys and shapes, other (here: NaN) values
+    stale = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in stale.items()}
+    torch.save({"state_dict": stale}, tmp_path / "resnet32-d509ac18.th")
+    with pytest.raises(CheckpointError, match="resnet32-d509ac18.th' is not the published one"):
+        load_model("cifar10-resnet32")
 
 
 @pytest.mark.parametrize("spec", ["torchvision:resnet18", "timm:resnet18"])
