@@ -45,6 +45,7 @@ def _median_seconds(fn: Any, repeats: int) -> float:
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     from polyglean.models import load_model
+    from polyglean.models.loader import has_default_weights
     from polyglean.phase.net import PhaseNet
     from polyglean.search import PhaseSearch
 
@@ -52,7 +53,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--repeats and --batch-size must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, preprocess = load_model(args.model, args.weights)
+    # A timing: a torchvision/timm model without --weights runs seeded random weights (as documented).
+    model, preprocess = load_model(args.model, args.weights,
+                                   random_weights=None if args.weights or has_default_weights(args.model) else 0)
     size = preprocess.input_size if not args.input_size else (preprocess.input_size[0], *args.input_size)
     net = PhaseNet(model, input_size=size)
     search = PhaseSearch(net, budget=args.budget, criterion=args.criterion, aggregate=args.aggregate)

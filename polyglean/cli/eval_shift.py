@@ -66,11 +66,12 @@ def load(args: argparse.Namespace) -> tuple[nn.Module, Preprocess]:
             if args.downsample is not None:
                 raise CheckpointError(f"--downsample {args.downsample} --weights {args.weights}: not a checkpoint "
                                       "written by `polyglean train`") from None
-            return load_model(args.model, args.weights, pretrained=args.pretrained)
+            return load_model(args.model, args.weights, pretrained=args.pretrained,
+                              random_weights=args.random_weights)
         return load_finetuned(args.model, args.downsample, args.weights)
     if args.downsample is not None:
-        return build_model(args.model, args.downsample)
-    return load_model(args.model, pretrained=args.pretrained)
+        return build_model(args.model, args.downsample, pretrained=args.pretrained, random_weights=args.random_weights)
+    return load_model(args.model, pretrained=args.pretrained, random_weights=args.random_weights)
 
 
 def _flatten(dataset: Any) -> tuple[Any, list[int]]:

@@ -181,7 +181,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     names, view_budgets = _check(args)
     aggregate = _names(args.aggregate)[0]
     align = not args.no_align and args.aggregate_on == "features"
-    model, preprocess = load_model(args.model, args.weights, pretrained=args.pretrained)
+    model, preprocess = load_model(args.model, args.weights, pretrained=args.pretrained,
+                                   random_weights=args.random_weights)
     net = PhaseNet(model, input_size=preprocess.input_size)
     phase_budgets = sorted(set(args.budgets) | {1})
     search = PhaseSearch(net, budget=phase_budgets[-1], criterion=args.criterion, aggregate=aggregate, align=align,

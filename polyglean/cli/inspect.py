@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(list_models()))
         print("or any torchvision:NAME / timm:NAME")
         return 0
-    model, preprocess = load_model(args.model, args.weights)
+    # The sites and FLOPs do not depend on the weights' values: without --weights, seeded random ones will do.
+    model, preprocess = load_model(args.model, args.weights, random_weights=None if args.weights else 0)
     size = preprocess.input_size
     if args.input_size:
         if min(args.input_size) < 1:

@@ -32,7 +32,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from polyglean.errors import DataError
 
-__all__ = ["IMAGE_EXTENSIONS", "DataError", "ImageDataset", "limit_dataset", "parse_subset", "read_rgb", "subset_dataset"]
+__all__ = ["IMAGE_EXTENSIONS", "DataError", "ImageDataset", "limit_dataset", "parse_subset", "read_rgb",
+           "subset_dataset"]
 
 log = logging.getLogger(__name__)
 

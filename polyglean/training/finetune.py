@@ -29,6 +29,7 @@ from polyglean.io import load_torch, write_torch
 from polyglean.layers import swap
 from polyglean.models import CheckpointError, Preprocess, load_model, load_state_dict_strict
 from polyglean.models.checkpoint import CheckpointNotFoundError
+from polyglean.models.loader import build_architecture
 from polyglean.registry import Registry
 
 __all__ = [
@@ -63,14 +64,16 @@ OPTIMIZERS.register("sgd", lambda params, lr, wd: torch.optim.SGD(params, lr=lr,
 OPTIMIZERS.register("adamw", lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd))
 
 
-def build_model(spec: str, downsample: str | None = None, *, weights: str | Path | None = None
-                ) -> tuple[nn.Module, Preprocess]:
+def build_model(spec: str, downsample: str | None = None, *, weights: str | Path | None = None,
+                pretrained: bool = False, random_weights: int | None = None) -> tuple[nn.Module, Preprocess]:
     """The model ``spec`` (pretrained or from ``weights``) with its subsampling layers swapped to ``downsample``.
 
     Args:
         spec: A model spec of :func:`polyglean.models.load_model` (e.g. ``"cifar10-resnet20"``).
         downsample: A name of :data:`DOWNSAMPLES`, or ``None`` for the model's own layers.
         weights: A checkpoint of the *unswapped* model (default: the preset's pretrained weights).
+        pretrained: torchvision/timm: start from the library's weights (as ``load_model``).
+        random_weights: start from random weights drawn from this seed, on purpose (as ``load_model``).
 
     Returns:
         ``(model, preprocess)``; the model is in eval mode. Every weight the rewrite keeps is the loaded one; new
@@ -78,12 +81,18 @@ def build_model(spec: str, downsample: str | None = None, *, weights: str | Path
 
     Raises:
         ValueError: unknown ``downsample`` (the message lists the known ones) or ``spec``.
+        ArgumentError: no source of weights for a torchvision/timm model, or more than one (see ``load_model``).
     """
     settings = DOWNSAMPLES.get(downsample) if downsample is not None else None
-    model, preprocess = load_model(spec, weights)
+    model, preprocess = load_model(spec, weights, pretrained=pretrained, random_weights=random_weights)
+    return _swapped(model, preprocess, downsample, settings), preprocess
+
+
+def _swapped(model: nn.Module, preprocess: Preprocess, downsample: str | None,
+             settings: dict[str, Any] | None) -> nn.Module:
     if settings is not None:
         model = swap(model, downsample, input_size=preprocess.input_size, **settings)
-    return model.eval(), preprocess
+    return model.eval()
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -131,7 +140,9 @@ def load_finetuned(spec: str, downsample: str | None, path: str | Path) -> tuple
             f"{spec!r} with {downsample!r}; pass --model {payload.get('model')} "
             + (f"--downsample {payload['downsample']}" if payload.get("downsample") else "without --downsample")
         )
-    model, preprocess = build_model(spec, downsample)
+    settings = DOWNSAMPLES.get(downsample) if downsample is not None else None
+    model, preprocess = build_architecture(spec)  # every weight comes from the checkpoint, strictly
+    model = _swapped(model, preprocess, downsample, settings)
     load_state_dict_strict(model, payload["state_dict"], source=str(path))
     return model.eval(), preprocess
 
