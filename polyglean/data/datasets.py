@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -32,8 +33,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from polyglean.errors import DataError
 
-__all__ = ["IMAGE_EXTENSIONS", "DataError", "ImageDataset", "limit_dataset", "parse_subset", "read_rgb",
-           "subset_dataset"]
+__all__ = ["IMAGE_EXTENSIONS", "DataError", "ImageDataset", "dataset_fingerprint", "limit_dataset", "open_dataset",
+           "parse_subset", "read_rgb", "subset_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -352,3 +353,39 @@ def subset_dataset(dataset: Dataset[Any], start: int, stop: int = -1, *, seed: i
         raise ValueError(f"subset {start}:{stop} is outside a data set of {n} images")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return Subset(dataset, order[start:stop].tolist())
+
+
+def open_dataset(root: str | Path, transform: Callable[[Image.Image], Any], *, subset: str | None = None,
+                 limit: int | None = None, num_classes: int | None = None) -> Dataset[Any]:
+    """:class:`ImageDataset` of ``root``, then a ``START:STOP`` range of its fixed shuffled order (``subset``, see
+    :func:`subset_dataset`) or at most ``limit`` images evenly spread over it.
+
+    Raises:
+        DataError: as :class:`ImageDataset`; ``subset`` and ``limit`` together.
+        ValueError: a malformed or out-of-range ``subset``, a negative ``limit``.
+    """
+    if subset is not None and limit is not None:
+        raise DataError("give a subset or a limit, not both")
+    dataset: Dataset[Any] = ImageDataset(root, transform, num_classes=num_classes)
+    if subset:
+        dataset = subset_dataset(dataset, *parse_subset(subset))
+    return limit_dataset(dataset, limit, spread=True)
+
+
+def dataset_fingerprint(dataset: Dataset[Any]) -> str:
+    """SHA-256 of what a data set holds: every sample's file (real path, size, modification time) and label, in
+    order, through any nesting of ``Subset``. Replacing, touching, adding or relabelling an image changes it; a
+    cache keyed on it is never served for other images.
+    """
+    indices = list(range(len(dataset)))  # type: ignore[arg-type]
+    while isinstance(dataset, Subset):
+        indices = [int(dataset.indices[i]) for i in indices]
+        dataset = dataset.dataset
+    if not isinstance(dataset, ImageDataset):
+        raise TypeError(f"dataset_fingerprint needs an ImageDataset (or Subsets of one), got {type(dataset).__name__}")
+    h = hashlib.sha256()
+    for i in indices:
+        path, label = dataset.samples[i]
+        st = path.stat()
+        h.update(f"{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
+    return h.hexdigest()

@@ -1,11 +1,15 @@
 """Fine-tuning a model with its subsampling layers swapped (BlurPool, SoftPool, adaPool, PASA, APS) on CPU.
 
-The pieces ``polyglean train`` is made of, usable from Python: :func:`build_model` (a preset's pretrained weights,
-then :func:`polyglean.swap` with the downsample's settings from :data:`DOWNSAMPLES`, so every weight the rewrite
-keeps starts pretrained), :func:`train_transform` (standard augmentation), :func:`train_epoch` /
-:func:`evaluate_loss` (no printing: progress goes to a callback), checkpoints written atomically
-(:func:`save_checkpoint`) that record the model spec and the downsample, and :func:`load_finetuned`, which rebuilds
-the same architecture and loads such a checkpoint strictly with ``weights_only=True``.
+:func:`finetune` is ``polyglean train``: a whole run in named steps (:func:`resumable_checkpoint`,
+:func:`starting_model`, :func:`training_data`, :func:`epoch_loader`, :func:`train_epoch`), driven by
+:class:`FinetuneSettings`, reporting through :class:`FinetuneCallbacks`. Its pieces, usable on their own:
+:func:`build_model` (a preset's pretrained weights, then :func:`polyglean.swap` with the downsample's settings from
+:data:`DOWNSAMPLES`, so every weight the rewrite keeps starts pretrained), :func:`train_transform` (standard
+augmentation), :func:`train_epoch` / :func:`evaluate_loss` (no printing: progress goes to a callback), checkpoints
+written atomically (:func:`save_checkpoint`) that record the model spec and the downsample, and
+:func:`load_finetuned`, which rebuilds the same architecture and loads such a checkpoint strictly with
+``weights_only=True``. A run refuses to overwrite an existing checkpoint unless asked to, and resumes only with the
+settings it was started with.
 
 Example:
     >>> model, preprocess = build_model("cifar10-resnet20", "blurpool")  # doctest: +SKIP
@@ -14,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,29 +27,39 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from polyglean.data import CheckedLoader, make_loader, open_dataset
+from polyglean.errors import ArgumentError
 from polyglean.io import load_torch, write_torch
 from polyglean.layers import swap
-from polyglean.models import CheckpointError, Preprocess, load_model, load_state_dict_strict
+from polyglean.models import CheckpointError, Preprocess, load_model, load_state_dict_strict, num_classes
 from polyglean.models.checkpoint import CheckpointNotFoundError
 from polyglean.models.loader import build_architecture
 from polyglean.registry import Registry
+from polyglean.training.runs import claim_output, refuse_changed_settings
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "DOWNSAMPLES",
     "OPTIMIZERS",
     "BatchStats",
+    "FinetuneCallbacks",
+    "FinetuneSettings",
     "build_model",
+    "epoch_loader",
     "evaluate_loss",
+    "finetune",
     "load_finetuned",
     "make_optimizer",
     "read_checkpoint",
+    "resumable_checkpoint",
     "save_checkpoint",
+    "starting_model",
     "train_epoch",
     "train_transform",
+    "training_data",
 ]
 
 CHECKPOINT_FORMAT = "polyglean-finetune/1"
@@ -202,7 +217,7 @@ def train_epoch(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], optim
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, loader: DataLoader[Any]) -> dict[str, float]:
+def evaluate_loss(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
     """Mean cross-entropy and top-1 (percent) of ``model`` in eval mode over ``loader``."""
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
@@ -212,3 +227,183 @@ def evaluate_loss(model: nn.Module, loader: DataLoader[Any]) -> dict[str, float]
         correct += int((logits.argmax(-1) == y).sum())
         seen += len(y)
     return {"nll": total_loss / max(seen, 1), "top1": 100.0 * correct / max(seen, 1)}
+
+
+# ------------------------------------------------------------------------------------------ a whole training run
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Everything a fine-tuning run depends on (what ``polyglean train`` takes).
+
+    Attributes:
+        model: model spec; ``downsample``: a name of :data:`DOWNSAMPLES` or ``None``.
+        data: training images (class folders or ``images/`` + ``labels.csv``); ``val_data``: optional validation.
+        epochs: total epochs; the cosine schedule spans them all.
+        weights / pretrained / random_weights: the starting weights, as :func:`polyglean.models.load_model`.
+        workers: data-loading processes (does not change the result).
+    """
+
+    model: str
+    data: str
+    epochs: int
+    downsample: str | None = None
+    val_data: str | None = None
+    lr: float = 0.01
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    batch_size: int = 128
+    limit: int | None = None
+    seed: int = 0
+    workers: int = 0
+    weights: str | None = None
+    pretrained: bool = False
+    random_weights: int | None = None
+
+    def check(self) -> None:
+        """Refuses out-of-range settings before any work.
+
+        Raises:
+            ArgumentError: naming the option and its value.
+        """
+        for flag, value, low in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
+                                 ("--workers", self.workers, 0)):
+            if value < low:
+                raise ArgumentError(f"{flag} must be >= {low}, got {value}")
+        if self.limit is not None and self.limit < 1:
+            raise ArgumentError(f"--limit must be >= 1, got {self.limit}")
+        if self.lr <= 0:
+            raise ArgumentError(f"--lr must be > 0, got {self.lr}")
+        if self.downsample is not None:
+            DOWNSAMPLES.get(self.downsample)
+        OPTIMIZERS.get(self.optimizer)
+
+    def config(self) -> dict[str, Any]:
+        """What must not change between a run and its resumption (recorded in the checkpoint)."""
+        return {"model": self.model, "downsample": self.downsample, "data": str(self.data), "lr": self.lr,
+                "weight_decay": self.weight_decay, "optimizer": self.optimizer, "batch_size": self.batch_size,
+                "limit": self.limit, "seed": self.seed, "weights": self.weights, "pretrained": self.pretrained,
+                "random_weights": self.random_weights}
+
+
+_CONFIG_DEFAULTS = {"weights": None, "pretrained": False, "random_weights": None}  # checkpoints from before them
+
+
+@dataclass
+class FinetuneCallbacks:
+    """Progress of :func:`finetune` (the library never prints): each is optional."""
+
+    on_epoch_start: Callable[[int, int, int], None] | None = None
+    """``(epoch, epochs, images)`` before an epoch (1-based)."""
+    on_batch: Callable[[BatchStats, float], None] | None = None
+    """``(stats, learning rate)`` after every step."""
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None
+    """The epoch's record (``epoch``, ``loss``, ``top1``, ``seconds``, ``val_*``) once its checkpoint is written."""
+    on_note: Callable[[str], None] | None = None
+    """A sentence worth telling the user (e.g. nothing left to train)."""
+
+
+def resumable_checkpoint(path: str | Path, settings: FinetuneSettings) -> dict[str, Any]:
+    """The checkpoint at ``path``, checked to continue with ``settings``.
+
+    Raises:
+        CheckpointError: another format, other settings, or another number of epochs (the cosine schedule spans
+            the epochs given at the start).
+    """
+    resumed = read_checkpoint(path)
+    refuse_changed_settings(path, resumed.get("config", {}), settings.config(), _CONFIG_DEFAULTS)
+    if resumed["total_epochs"] != settings.epochs:
+        raise CheckpointError(
+            f"cannot resume {path} with --epochs {settings.epochs}: its cosine schedule spans "
+            f"{resumed['total_epochs']} epochs"
+        )
+    return resumed
+
+
+def starting_model(settings: FinetuneSettings, resume_from: str | Path | None) -> tuple[nn.Module, Preprocess]:
+    """The model to train: the checkpoint being resumed, or the (swapped) starting weights with new layers
+    initialised from ``settings.seed``."""
+    if resume_from is not None:
+        return load_finetuned(settings.model, settings.downsample, resume_from)
+    torch.manual_seed(settings.seed)  # new layers' initialisation
+    return build_model(settings.model, settings.downsample, weights=settings.weights, pretrained=settings.pretrained,
+                       random_weights=settings.random_weights)
+
+
+def training_data(settings: FinetuneSettings, preprocess: Preprocess, classes: int
+                  ) -> tuple[Dataset[Any], CheckedLoader | None]:
+    """The (augmented, possibly limited) training set and a loader of the validation set, labels checked against
+    the model's ``classes``."""
+    train_set = open_dataset(settings.data, train_transform(preprocess), limit=settings.limit, num_classes=classes)
+    val_loader = None
+    if settings.val_data:
+        val_set = open_dataset(settings.val_data, preprocess, num_classes=classes)
+        val_loader = make_loader(val_set, batch_size=settings.batch_size, workers=settings.workers)
+    return train_set, val_loader
+
+
+def epoch_loader(settings: FinetuneSettings, train_set: Dataset[Any], epoch: int) -> CheckedLoader:
+    """The shuffled loader of one epoch; its order and augmentation draws are seeded by ``seed`` and ``epoch``."""
+    order = torch.Generator().manual_seed(settings.seed * 1000 + epoch)
+    torch.manual_seed(settings.seed * 1000 + epoch)  # augmentation draws
+    return make_loader(train_set, batch_size=settings.batch_size, shuffle=True, generator=order,
+                       workers=settings.workers)
+
+
+def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+             callbacks: FinetuneCallbacks | None = None) -> list[dict[str, Any]]:
+    """Fine-tunes ``settings.model`` and writes a checkpoint atomically to ``out`` after every epoch.
+
+    Steps: check the settings and the output (an existing ``out`` needs ``resume`` or ``overwrite``); the starting
+    model; the data; the optimiser and the cosine schedule over all steps (restored when resuming); then epochs.
+
+    Returns:
+        The history: one record per epoch trained so far (including resumed ones).
+
+    Raises:
+        ArgumentError: bad settings, or ``out`` exists without ``resume``/``overwrite``.
+        CheckpointError: resuming a checkpoint of other settings.
+        DataError: unreadable data or labels out of the model's range.
+    """
+    cb = callbacks or FinetuneCallbacks()
+    settings.check()
+    claim_output(out, resume=resume, overwrite=overwrite)
+    resumed = resumable_checkpoint(out, settings) if resume else None
+    if resumed is not None and int(resumed["epoch"]) >= settings.epochs:
+        if cb.on_note:
+            cb.on_note(f"{out} has already trained {resumed['epoch']} of {settings.epochs} epochs; nothing to do")
+        return list(resumed["history"])
+    model, preprocess = starting_model(settings, out if resumed is not None else None)
+    train_set, val_loader = training_data(settings, preprocess, num_classes(model, preprocess.input_size))
+    steps_per_epoch = -(-len(train_set) // settings.batch_size)  # type: ignore[arg-type]
+    optimizer = make_optimizer(settings.optimizer, model.parameters(), lr=settings.lr,
+                               weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs * steps_per_epoch)
+    start, history = 0, []
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        start, history = int(resumed["epoch"]), list(resumed["history"])
+    on_batch = None
+    if cb.on_batch is not None:
+        report = cb.on_batch
+
+        def on_batch(stats: BatchStats) -> None:
+            report(stats, optimizer.param_groups[0]["lr"])
+
+    for epoch in range(start, settings.epochs):
+        loader = epoch_loader(settings, train_set, epoch)
+        if cb.on_epoch_start:
+            cb.on_epoch_start(epoch + 1, settings.epochs, len(train_set))  # type: ignore[arg-type]
+        began = time.perf_counter()
+        record: dict[str, Any] = train_epoch(model, loader, optimizer, scheduler, on_batch=on_batch)
+        record.update(epoch=epoch + 1, seconds=time.perf_counter() - began)
+        if val_loader is not None:
+            record.update({f"val_{k}": v for k, v in evaluate_loss(model, val_loader).items()})
+        history.append(record)
+        save_checkpoint(out, {
+            "model": settings.model, "downsample": settings.downsample, "config": settings.config(),
+            "epoch": epoch + 1, "total_epochs": settings.epochs, "state_dict": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
+        })
+        if cb.on_epoch_end:
+            cb.on_epoch_end(record)
+    return history
