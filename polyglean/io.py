@@ -118,6 +118,12 @@ def load_torch(path: str | Path, what: str = "checkpoint", *, mmap: bool = False
     if not path.is_file():
         raise CheckpointError(f"{what} {str(path)!r} does not exist" if not path.exists()
                               else f"{what} {str(path)!r} is not a file")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save: a zip file, or a pickle (old)
+        begins = "it is empty" if not head else f"it begins {head!r}"
+        raise CheckpointError(f"{what} {str(path)!r} is not a readable PyTorch checkpoint: not a file written by "
+                              f"torch.save ({begins})")
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below says enough
             warnings.simplefilter("ignore")
