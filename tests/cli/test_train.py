@@ -154,3 +154,20 @@ def test_a_text_file_as_weights_is_one_line(tiny: Path, tmp_path: Path, capsys: 
     err = capsys.readouterr().err
     assert "notes.txt' is not a readable PyTorch checkpoint: not a file written by torch.save" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["train", "train-aggregator"])
+def test_a_corrupt_image_with_workers_is_one_line(tiny: Path, tmp_path: Path, command: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    for cls in sorted(tiny.iterdir())[:2]:
+        (data / cls.name).mkdir(parents=True)
+        for image in cls.iterdir():
+            (data / cls.name / image.name).symlink_to(image.resolve())
+    (data / sorted(tiny.iterdir())[0].name / "zz-broken.png").write_bytes(b"\x89PNG broken")
+    argv = [command, "--model", "cifar10-resnet20", "--data", str(data), "--workers", "1", "--out",
+            str(tmp_path / "c.pt"), "--epochs", "1", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "cannot read image" in err and "zz-broken.png" in err
