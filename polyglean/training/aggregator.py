@@ -32,7 +32,7 @@ from polyglean.aggregate.align import alignment_factor
 from polyglean.aggregate.learned import AttentionAggregator, model_fingerprint, read_checkpoint, save_aggregator
 from polyglean.data import dataset_fingerprint, make_loader, open_dataset
 from polyglean.errors import ArgumentError, CheckpointError
-from polyglean.io import load_torch, write_torch
+from polyglean.io import check_writable, load_torch, write_torch
 from polyglean.models import Preprocess, load_model, num_classes
 from polyglean.phase.net import PhaseNet
 from polyglean.provenance import machine
@@ -242,6 +242,8 @@ class AggregatorSettings:
         for flag in ("epochs", "batch_size", "budget", "search_batch_size", "dim", "heads"):
             if getattr(self, flag) < 1:
                 raise ArgumentError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(self, flag)}")
+        if self.dim % self.heads:
+            raise ArgumentError(f"--heads ({self.heads}) must divide --dim ({self.dim})")
         if self.workers < 0:
             raise ArgumentError(f"--workers must be >= 0, got {self.workers}")
         if self.lr <= 0:
@@ -425,6 +427,8 @@ def train_aggregator(settings: AggregatorSettings, out: str | Path, *, cache: st
     cb = callbacks or AggregatorCallbacks()
     settings.check()
     claim_output(out, resume=resume, overwrite=overwrite, extra=export)
+    if cache is not None:
+        check_writable(Path(cache) / "candidates-probe.pt", "--cache")
     found = frozen_search(settings, cb.on_note)
     resumed = resumable_aggregator(out, settings, found) if resume else None
     train, val = candidate_sets(settings, found, cache, cb.on_collect)

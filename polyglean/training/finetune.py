@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from polyglean.data import CheckedLoader, make_loader, open_dataset
@@ -382,11 +382,10 @@ def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = Fals
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         start, history = int(resumed["epoch"]), list(resumed["history"])
-    on_batch = None
-    if cb.on_batch is not None:
-        report = cb.on_batch
+    report = cb.on_batch
 
-        def on_batch(stats: BatchStats) -> None:
+    def on_batch(stats: BatchStats) -> None:
+        if report is not None:
             report(stats, optimizer.param_groups[0]["lr"])
 
     for epoch in range(start, settings.epochs):
