@@ -214,6 +214,22 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+def module_from_checkpoint(payload: dict[str, Any], name: str = "checkpoint") -> AttentionAggregator:
+    """The module of a payload returned by :func:`read_checkpoint` (eval mode), loaded strictly.
+
+    Raises:
+        AggregatorCheckpointError: its configuration or weights are malformed.
+    """
+    try:
+        cfg = payload["config"]
+        module = AttentionAggregator(cfg["channels"], tuple(cfg["grid"]), dim=cfg["dim"], heads=cfg["heads"],
+                                     hidden=cfg["hidden"], spatial_dims=tuple(cfg["spatial_dims"]))
+        module.load_state_dict(payload["state_dict"], strict=True)
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise AggregatorCheckpointError(f"aggregator {name!r} is malformed: {e}") from None
+    return module.eval()
+
+
 def load_aggregator(path: str | Path, *, model: str | None = None, fingerprint: str | None = None,
                     search_space: list[str] | None = None, align: bool | None = None) -> AttentionAggregator:
     """Loads a trained :class:`AttentionAggregator` and checks it was trained for this model and set-up.
@@ -248,15 +264,9 @@ def load_aggregator(path: str | Path, *, model: str | None = None, fingerprint: 
         raise AggregatorCheckpointError(
             f"aggregator {name!r} was trained on {'aligned' if meta.get('align') else 'unaligned'} features; use it "
             f"{'with' if meta.get('align') else 'without'} alignment (or train another)")
-    cfg = payload["config"]
-    try:
-        module = AttentionAggregator(cfg["channels"], tuple(cfg["grid"]), dim=cfg["dim"], heads=cfg["heads"],
-                                     hidden=cfg["hidden"], spatial_dims=tuple(cfg["spatial_dims"]))
-        module.load_state_dict(payload["state_dict"], strict=True)
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise AggregatorCheckpointError(f"aggregator {name!r} is malformed: {e}") from None
+    module = module_from_checkpoint(payload, name)
     module.meta = meta  # type: ignore[assignment]
-    return module.eval()
+    return module
 
 
 def shipped_aggregator(model: str) -> Path | None:

@@ -29,7 +29,13 @@ from torch import Tensor, nn
 
 from polyglean.aggregate.align import align as align_features
 from polyglean.aggregate.align import alignment_factor
-from polyglean.aggregate.learned import AttentionAggregator, model_fingerprint, read_checkpoint, save_aggregator
+from polyglean.aggregate.learned import (
+    AttentionAggregator,
+    model_fingerprint,
+    module_from_checkpoint,
+    read_checkpoint,
+    save_aggregator,
+)
 from polyglean.data import dataset_fingerprint, make_loader, open_dataset
 from polyglean.errors import ArgumentError, CheckpointError
 from polyglean.io import check_writable, load_torch, write_torch
@@ -431,6 +437,14 @@ def train_aggregator(settings: AggregatorSettings, out: str | Path, *, cache: st
         check_writable(Path(cache) / "candidates-probe.pt", "--cache")
     found = frozen_search(settings, cb.on_note)
     resumed = resumable_aggregator(out, settings, found) if resume else None
+    if resumed is not None and int(resumed["epoch"]) + 1 >= settings.epochs:
+        if cb.on_note is not None:
+            cb.on_note(f"{out} has already trained {int(resumed['epoch']) + 1} of {settings.epochs} epochs; "
+                       "nothing to do")
+        done = module_from_checkpoint(resumed, str(out))
+        if export is not None:
+            save_aggregator(export, done, meta={**resumed["meta"], "history": resumed["history"]})
+        return done
     train, val = candidate_sets(settings, found, cache, cb.on_collect)
     module = new_module(settings, found, train)
     optimizer = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)

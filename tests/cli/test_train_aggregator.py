@@ -129,6 +129,7 @@ def test_resume_refuses_other_settings_and_keeps_the_metadata(shared_data: Path,
         assert main(_base(shared_data, trained, cache, "--resume", **options)) == 2, options
         assert message in capsys.readouterr().err
     assert main(_base(shared_data, trained, cache, "--resume")) == 0  # finished: nothing left to train
+    assert "has already trained 2 of 2 epochs; nothing to do" in capsys.readouterr().out
     assert trained.read_bytes() == before  # never rewritten by a refused or empty resume
 
 
