@@ -148,7 +148,7 @@ def _walk(folder: Path, files: list[Path], entered: set[str]) -> None:
         if entry.is_file() and _is_image(entry.name):
             files.append(Path(entry.path))
     for entry in entries:
-        if not entry.is_dir() or entry.name.startswith("."):
+        if not entry.is_dir():
             continue
         real = os.path.realpath(entry.path)
         if real in entered:
