@@ -19,6 +19,7 @@ import json
 import os
 import stat
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -117,10 +118,21 @@ def load_torch(path: str | Path, what: str = "checkpoint", *, mmap: bool = False
     if not path.is_file():
         raise CheckpointError(f"{what} {str(path)!r} does not exist" if not path.exists()
                               else f"{what} {str(path)!r} is not a file")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save: a zip file, or a pickle (old)
+        begins = "it is empty" if not head else f"it begins {head!r}"
+        raise CheckpointError(f"{what} {str(path)!r} is not a readable PyTorch checkpoint: not a file written by "
+                              f"torch.save ({begins})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below says enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError... for bad files
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, (KeyError, EOFError, IndexError)) or len(reason) < 12:  # "101" for a text file
+            kind = type(err).__name__
+            reason = f"not a file written by torch.save ({kind}{'' if reason == kind else ': ' + reason})"
         if "weights_only" in str(err) or "Unsupported global" in str(err):
             reason = "it holds objects other than tensors and plain containers, which are never unpickled here"
         raise CheckpointError(f"{what} {str(path)!r} is not a readable PyTorch checkpoint: {reason}") from None

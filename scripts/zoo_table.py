@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from polyglean.io import write_json as write_json_atomic
 from polyglean.provenance import machine
-from polyglean.finetune import build_model
+from polyglean.training.finetune import build_model
 
 
 def throughput(models: list[torch.nn.Module], input_size: tuple[int, ...], batch: int, repeats: int

@@ -21,6 +21,11 @@ def _data_root() -> Path:
     return Path(env) if env else REPO.parent / "shared" / "data"
 
 
+if "POLYGLEAN_DATA" not in os.environ and (_data_root() / "DATA.md").is_file():
+    # Preset weights are looked up under $POLYGLEAN_DATA only (never relative to the working directory).
+    os.environ["POLYGLEAN_DATA"] = str(_data_root())
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Root of the real data (``../shared/data`` or ``$POLYGLEAN_DATA``)."""

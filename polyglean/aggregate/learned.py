@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from torch import Tensor, nn
 
 from polyglean.aggregate.aggregators import AGGREGATORS, Aggregator
 from polyglean.errors import CheckpointError
+from polyglean.io import load_torch, write_torch
 
 __all__ = [
     "AggregatorCheckpointError",
@@ -177,7 +176,7 @@ def model_fingerprint(model: nn.Module) -> str:
 
 def save_aggregator(path: str | Path, module: AttentionAggregator, *, meta: dict[str, Any],
                     extra: dict[str, Any] | None = None) -> None:
-    """Writes ``module`` and what it was trained for to ``path`` atomically (temporary file, then rename).
+    """Writes ``module`` and what it was trained for to ``path`` atomically (:func:`polyglean.io.write_torch`).
 
     Args:
         path: Destination file.
@@ -191,26 +190,11 @@ def save_aggregator(path: str | Path, module: AttentionAggregator, *, meta: dict
             raise ValueError(f"aggregator metadata lacks {key!r}")
     payload = {"format": FORMAT, "version": VERSION, "config": dict(module.config), "meta": meta,
                "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}, **(extra or {})}
-    save_atomic(payload, path)
-
-
-def save_atomic(payload: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_torch(path, payload)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Loads an aggregator checkpoint (``weights_only=True``) and checks its format.
+    """Loads an aggregator checkpoint (:func:`polyglean.io.load_torch`) and checks its format.
 
     Raises:
         AggregatorCheckpointError: missing, unreadable or not an aggregator checkpoint.
@@ -219,15 +203,31 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise AggregatorCheckpointError(f"aggregator checkpoint {str(path)!r} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt files
-        raise AggregatorCheckpointError(f"cannot read aggregator checkpoint {str(path)!r}: {e}") from None
+        payload = load_torch(path, "aggregator checkpoint")
+    except CheckpointError as e:
+        raise AggregatorCheckpointError(f"cannot read aggregator checkpoint: {e}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise AggregatorCheckpointError(f"{str(path)!r} is not a polyglean aggregator checkpoint")
     if payload.get("version") != VERSION:
         raise AggregatorCheckpointError(f"{str(path)!r} has format version {payload.get('version')}; this "
                                         f"polyglean reads version {VERSION}")
     return payload
+
+
+def module_from_checkpoint(payload: dict[str, Any], name: str = "checkpoint") -> AttentionAggregator:
+    """The module of a payload returned by :func:`read_checkpoint` (eval mode), loaded strictly.
+
+    Raises:
+        AggregatorCheckpointError: its configuration or weights are malformed.
+    """
+    try:
+        cfg = payload["config"]
+        module = AttentionAggregator(cfg["channels"], tuple(cfg["grid"]), dim=cfg["dim"], heads=cfg["heads"],
+                                     hidden=cfg["hidden"], spatial_dims=tuple(cfg["spatial_dims"]))
+        module.load_state_dict(payload["state_dict"], strict=True)
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise AggregatorCheckpointError(f"aggregator {name!r} is malformed: {e}") from None
+    return module.eval()
 
 
 def load_aggregator(path: str | Path, *, model: str | None = None, fingerprint: str | None = None,
@@ -264,15 +264,9 @@ def load_aggregator(path: str | Path, *, model: str | None = None, fingerprint: 
         raise AggregatorCheckpointError(
             f"aggregator {name!r} was trained on {'aligned' if meta.get('align') else 'unaligned'} features; use it "
             f"{'with' if meta.get('align') else 'without'} alignment (or train another)")
-    cfg = payload["config"]
-    try:
-        module = AttentionAggregator(cfg["channels"], tuple(cfg["grid"]), dim=cfg["dim"], heads=cfg["heads"],
-                                     hidden=cfg["hidden"], spatial_dims=tuple(cfg["spatial_dims"]))
-        module.load_state_dict(payload["state_dict"], strict=True)
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise AggregatorCheckpointError(f"aggregator {name!r} is malformed: {e}") from None
+    module = module_from_checkpoint(payload, name)
     module.meta = meta  # type: ignore[assignment]
-    return module.eval()
+    return module
 
 
 def shipped_aggregator(model: str) -> Path | None:

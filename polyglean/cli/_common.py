@@ -14,7 +14,7 @@ from polyglean.io import check_writable, write_json
 from polyglean.provenance import machine
 
 __all__ = [
-    "Bars", "add_model_arguments", "check_outputs", "delta_cells", "int_list", "load_model", "machine", "names",
+    "Bars", "add_model_arguments", "check_outputs", "model_source", "delta_cells", "int_list", "load_model", "machine", "names",
     "phase_net", "refuse_repeats",
     "table", "write_results",
 ]
@@ -25,10 +25,18 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a preset, torchvision:NAME or timm:NAME")
     p.add_argument("--weights", help="checkpoint for the model (loaded strictly, weights_only)")
     p.add_argument("--pretrained", action="store_true", help="download the library's weights (torchvision/timm)")
+    p.add_argument("--random-weights", type=int, nargs="?", const=0, metavar="SEED",
+                   help="run the model with random weights on purpose, initialised from SEED (default 0); "
+                        "torchvision/timm models need this, --weights or --pretrained")
+
+
+def model_source(args: argparse.Namespace) -> dict[str, Any]:
+    """The weights options of :func:`add_model_arguments` as keyword arguments of ``load_model``."""
+    return {"weights": args.weights, "pretrained": args.pretrained, "random_weights": args.random_weights}
 
 
 def load_model(spec: str, weights: str | None = None, *, downsample: str | None = None,
-               pretrained: bool = False) -> tuple[Any, Any]:
+               pretrained: bool = False, random_weights: int | None = None) -> tuple[Any, Any]:
     """:func:`polyglean.experiments.load_eval_model` for a command: the model in eval mode and its preprocessing.
 
     An unknown model spec is a :class:`~polyglean.errors.ModelError` (transitional: ``polyglean.models`` still
@@ -38,7 +46,8 @@ def load_model(spec: str, weights: str | None = None, *, downsample: str | None 
     from polyglean.experiments import load_eval_model
 
     try:
-        model, preprocess = load_eval_model(spec, weights, downsample=downsample, pretrained=pretrained)
+        model, preprocess = load_eval_model(spec, weights, downsample=downsample, pretrained=pretrained,
+                                            random_weights=random_weights)
     except ValueError as err:
         if isinstance(err, PolygleanError):
             raise

@@ -47,6 +47,7 @@ def _median_seconds(fn: Any, repeats: int) -> float:
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     from polyglean.experiments import build_search, check_input_size
     from polyglean.cli._common import load_model, phase_net
+    from polyglean.models.loader import has_default_weights
 
     if args.repeats < 1 or args.batch_size < 1:
         raise ArgumentError(f"--repeats and --batch-size must be >= 1, got {args.repeats} and {args.batch_size}")
@@ -59,7 +60,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     check_outputs(json=args.json_out)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, preprocess = load_model(args.model, args.weights)
+    # A timing: a torchvision/timm model without --weights runs seeded random weights (as documented).
+    model, preprocess = load_model(args.model, args.weights,
+                                   random_weights=None if args.weights or has_default_weights(args.model) else 0)
     size = preprocess.input_size if not args.input_size else (preprocess.input_size[0], *args.input_size)
     check_input_size(size, args.batch_size)
     net = phase_net(model, size)

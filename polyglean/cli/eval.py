@@ -120,7 +120,7 @@ def _add_tta_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_shift_arguments(p: argparse.ArgumentParser) -> None:
-    from polyglean.finetune import DOWNSAMPLES
+    from polyglean.training.finetune import DOWNSAMPLES
 
     p.add_argument("--downsample", choices=DOWNSAMPLES.names(),
                    help="swap the model's subsampling layers to this layer (as `polyglean train --downsample`); "
@@ -250,7 +250,8 @@ def _dataset(root: str, preprocess: Any, num_classes: int, part: str | None, sub
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, int]:
     from polyglean.experiments import model_classes
 
-    model, preprocess = load_model(args.model, args.weights, downsample=args.downsample, pretrained=args.pretrained)
+    model, preprocess = load_model(args.model, args.weights, downsample=args.downsample, pretrained=args.pretrained,
+                                   random_weights=args.random_weights)
     net = phase_net(model, preprocess.input_size)
     return model, preprocess, net, model_classes(model, preprocess.input_size)
 

@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.input_size:
         check_input_size((3, *args.input_size))  # before the model is even loaded
-    model, preprocess = load_model(args.model, args.weights)
+    # The sites and FLOPs do not depend on the weights' values: without --weights, seeded random ones will do.
+    model, preprocess = load_model(args.model, args.weights, random_weights=None if args.weights else 0)
     size = preprocess.input_size
     if args.input_size:
         size = (size[0], *args.input_size)

@@ -1,4 +1,4 @@
-"""Data: labelled image folders (class sub-folders or ``images/`` + ``labels.csv``) and subsets."""
+"""Data: labelled image folders (class sub-folders or ``images/`` + ``labels.csv``), subsets and loaders."""
 
 from __future__ import annotations
 
@@ -6,9 +6,14 @@ from polyglean.data.datasets import (
     IMAGE_EXTENSIONS,
     DataError,
     ImageDataset,
+    dataset_fingerprint,
     limit_dataset,
+    open_dataset,
     parse_subset,
+    read_rgb,
     subset_dataset,
 )
+from polyglean.data.loader import CheckedLoader, make_loader
 
-__all__ = ["IMAGE_EXTENSIONS", "DataError", "ImageDataset", "limit_dataset", "parse_subset", "subset_dataset"]
+__all__ = ["IMAGE_EXTENSIONS", "CheckedLoader", "DataError", "ImageDataset", "dataset_fingerprint", "limit_dataset",
+           "make_loader", "open_dataset", "parse_subset", "read_rgb", "subset_dataset"]

@@ -2,10 +2,15 @@
 
 Layouts, detected automatically:
 
-- **labels.csv**: ``root/labels.csv`` holds ``file,class_index`` lines (a header line is optional); files are
-  relative to ``root/images/`` (or to ``root`` when there is no ``images/`` folder).
+- **labels.csv**: ``root/labels.csv`` holds ``file,class_index`` lines; files are relative to ``root/images/`` (or
+  to ``root`` when there is no ``images/`` folder). The first line may be the header ``file,class_index`` (or
+  another pair of column names, such as ``path,label``); a row naming an image is never taken for a header, and an
+  image listed twice is an error.
 - **class folders**: ``root/<class>/**/<image>``; the class index is the position of the folder name in sorted
-  order (CIFAR-10: airplane=0 ... truck=9).
+  order (CIFAR-10: airplane=0 ... truck=9). Directory links are followed, but no directory twice and never back
+  into the data set folder or another class (a link loop cannot multiply the images).
+
+Images are read as 8-bit RGB; 16-bit and float images are scaled to 8 bits (see :func:`read_rgb`).
 
 Example:
     >>> ds = ImageDataset("../shared/data/cifar10-jpeg/test", transform)  # doctest: +SKIP
@@ -15,18 +20,21 @@ Example:
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from polyglean.errors import DataError
 
-__all__ = ["IMAGE_EXTENSIONS", "DataError", "ImageDataset", "limit_dataset"]
+__all__ = ["IMAGE_EXTENSIONS", "DataError", "ImageDataset", "dataset_fingerprint", "limit_dataset", "open_dataset",
+           "parse_subset", "read_rgb", "subset_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +43,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 )
 _LAYOUTS = (
     "class folders (root/<class>/<image>, class index = sorted folder name) or "
-    "root/images/ + root/labels.csv (lines 'file,class_index', header optional)"
+    "root/images/ + root/labels.csv (lines 'file,class_index'; an optional first line 'file,class_index')"
 )
 _SHOW = 5
 
@@ -45,47 +53,155 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+_HEADER = ("file", "class_index")
+
+
+def _is_header(row: list[str]) -> bool:
+    """The literal header ``file,class_index``, or a first row whose two cells are plainly column names: the label
+    is no integer and the file cell names no image (``file,class``, ``path,label``). A row like ``cat.png,dog`` is
+    data with a bad label, never a header."""
+    name, label = (cell.strip() for cell in row)
+    if (name.lower(), label.lower()) == _HEADER:
+        return True
+    try:
+        int(label)
+    except ValueError:
+        return os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS
+    return False
+
+
 def _read_labels_csv(csv_path: Path, image_dir: Path) -> list[tuple[Path, int]]:
     samples: list[tuple[Path, int]] = []
+    first_line: dict[Path, int] = {}
+    first_row = True
     with csv_path.open(newline="", encoding="utf-8-sig") as f:
         for lineno, row in enumerate(csv.reader(f), start=1):
             if not row or all(not cell.strip() for cell in row):
                 continue
             if len(row) != 2:
                 raise DataError(f"{csv_path} line {lineno}: expected 'file,class_index', got {','.join(row)!r}")
+            header, first_row = first_row and _is_header(row), False
+            if header:
+                continue
             name, label_text = row[0].strip(), row[1].strip()
             try:
                 label = int(label_text)
             except ValueError:
-                if lineno == 1 and not samples:  # a header line
-                    continue
                 raise DataError(
-                    f"{csv_path} line {lineno}: class index {label_text!r} is not an integer"
+                    f"{csv_path} line {lineno}: class index {label_text!r} is not an integer (a header line must "
+                    "be 'file,class_index')"
                 ) from None
             if label < 0:
                 raise DataError(f"{csv_path} line {lineno}: class index {label} is negative")
             if not name:
                 raise DataError(f"{csv_path} line {lineno}: empty file name")
-            samples.append((image_dir / name, label))
+            path = image_dir / name
+            key = Path(os.path.normpath(path))
+            if key in first_line:
+                raise DataError(f"{csv_path} line {lineno}: {name!r} is listed twice (first on line "
+                                f"{first_line[key]}); every image must appear once")
+            first_line[key] = lineno
+            samples.append((path, label))
     missing = [str(p.relative_to(image_dir)) for p, _ in samples if not p.is_file()]
     if missing:
         shown = ", ".join(missing[:_SHOW]) + (f", ... ({len(missing) - _SHOW} more)" if len(missing) > _SHOW else "")
         raise DataError(f"{csv_path} names {len(missing)} file(s) that do not exist in {image_dir}: {shown}")
+    _refuse_duplicates(samples, csv_path)
     return samples
 
 
+def _refuse_duplicates(samples: list[tuple[Path, int]], where: Path) -> None:
+    """Two entries that are the same file (by real path: links, ``./`` or ``..`` in names) are an error."""
+    seen: dict[str, Path] = {}
+    for path, _ in samples:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise DataError(f"{where}: {seen[real]} and {path} are the same file ({real}); every image must be "
+                            "listed once")
+        seen[real] = path
+
+
 def _scan_class_folders(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Every image under ``root/<class>/``, following directory links but none twice.
+
+    A directory is entered once, by its real path, and never when it is the data set folder or another class
+    folder (a link ``cat/loop -> ..`` would otherwise list every class again under ``cat``). The same real file
+    reached twice (a file link into another class, a hard-linked copy counts as a different file) is an error.
+    """
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    entered = {os.path.realpath(root)} | {os.path.realpath(root / cls) for cls in classes}
     samples: list[tuple[Path, int]] = []
     for index, cls in enumerate(classes):
         files: list[Path] = []
-        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
-            dirnames.sort()
-            files.extend(Path(dirpath) / name for name in sorted(filenames) if _is_image(name))
+        _walk(root / cls, files, entered)
         if not files:
             log.warning("class folder %s holds no images (class index %d kept)", root / cls, index)
         samples.extend((p, index) for p in files)
+    _refuse_duplicates(samples, root)
     return classes, samples
+
+
+def _walk(folder: Path, files: list[Path], entered: set[str]) -> None:
+    """Appends the images under ``folder`` in sorted order; sub-folders whose real path was entered are skipped."""
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    for entry in entries:
+        if entry.is_file() and _is_image(entry.name):
+            files.append(Path(entry.path))
+    for entry in entries:
+        if not entry.is_dir():
+            continue
+        real = os.path.realpath(entry.path)
+        if real in entered:
+            log.warning("skipping %s: it leads to %s, which is already part of the data set", entry.path, real)
+            continue
+        entered.add(real)
+        _walk(Path(entry.path), files, entered)
+
+
+def read_rgb(path: str | Path) -> Image.Image:
+    """The image at ``path`` as 8-bit RGB.
+
+    8-bit images are converted by Pillow. Pillow's own conversion of wider pixels is wrong (it clips), so they are
+    scaled here: 16-bit integer images (``I;16`` PNG/TIFF) by ``255 / 65535``; 32-bit integer images (``I``) with
+    values in ``[0, 65535]`` the same way; float images (``F``, float TIFF) with values in ``[0, 1]`` by 255. Any
+    other range is refused, since no scale is right for all of them. (16-bit RGB PNGs reach Pillow as 8-bit RGB
+    already, correctly rounded to the high byte.)
+
+    Raises:
+        DataError: unreadable, over Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), or wide
+            pixels outside the ranges above.
+    """
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+                return _scale_wide(img, path)
+            return img.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"image {path} is larger than Pillow's decompression-bomb limit "
+                        f"({Image.MAX_IMAGE_PIXELS} pixels): {exc}. Shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                        "if you trust the file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _scale_wide(img: Image.Image, path: str | Path) -> Image.Image:
+    """A 16-bit, 32-bit integer or float single-channel image as 8-bit RGB (see :func:`read_rgb`)."""
+    values = np.asarray(img, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if img.mode == "F":
+        if not (np.isfinite(values).all() and low >= 0.0 and high <= 1.0):
+            raise DataError(f"image {path} holds float pixels in [{low:g}, {high:g}]; only [0, 1] can be scaled to "
+                            "8 bits unambiguously: convert it to an 8-bit image first")
+        scale = 255.0
+    else:
+        if low < 0 or high > 65535:
+            raise DataError(f"image {path} holds {img.mode} pixels in [{low:g}, {high:g}], outside 16 bits; "
+                            "convert it to an 8-bit image first")
+        scale = 255.0 / 65535.0
+    gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")
 
 
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -156,14 +272,10 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         """The RGB PIL image of sample ``index``, untransformed.
 
         Raises:
-            DataError: the file cannot be read as an image; the message names it.
+            DataError: the file cannot be read as an image, is over Pillow's decompression-bomb limit, or holds
+                pixel values that cannot be scaled to 8 bits; the message names it.
         """
-        path = self.samples[index][0]
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+        return read_rgb(self.samples[index][0])
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         """``(transform(image), label)`` of sample ``index``."""
@@ -241,3 +353,39 @@ def subset_dataset(dataset: Dataset[Any], start: int, stop: int = -1, *, seed: i
         raise ValueError(f"subset {start}:{stop} is outside a data set of {n} images")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return Subset(dataset, order[start:stop].tolist())
+
+
+def open_dataset(root: str | Path, transform: Callable[[Image.Image], Any], *, subset: str | None = None,
+                 limit: int | None = None, num_classes: int | None = None) -> Dataset[Any]:
+    """:class:`ImageDataset` of ``root``, then a ``START:STOP`` range of its fixed shuffled order (``subset``, see
+    :func:`subset_dataset`) or at most ``limit`` images evenly spread over it.
+
+    Raises:
+        DataError: as :class:`ImageDataset`; ``subset`` and ``limit`` together.
+        ValueError: a malformed or out-of-range ``subset``, a negative ``limit``.
+    """
+    if subset is not None and limit is not None:
+        raise DataError("give a subset or a limit, not both")
+    dataset: Dataset[Any] = ImageDataset(root, transform, num_classes=num_classes)
+    if subset:
+        dataset = subset_dataset(dataset, *parse_subset(subset))
+    return limit_dataset(dataset, limit, spread=True)
+
+
+def dataset_fingerprint(dataset: Dataset[Any]) -> str:
+    """SHA-256 of what a data set holds: every sample's file (real path, size, modification time) and label, in
+    order, through any nesting of ``Subset``. Replacing, touching, adding or relabelling an image changes it; a
+    cache keyed on it is never served for other images.
+    """
+    indices = list(range(len(dataset)))  # type: ignore[arg-type]
+    while isinstance(dataset, Subset):
+        indices = [int(dataset.indices[i]) for i in indices]
+        dataset = dataset.dataset
+    if not isinstance(dataset, ImageDataset):
+        raise TypeError(f"dataset_fingerprint needs an ImageDataset (or Subsets of one), got {type(dataset).__name__}")
+    h = hashlib.sha256()
+    for i in indices:
+        path, label = dataset.samples[i]
+        st = path.stat()
+        h.update(f"{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
+    return h.hexdigest()

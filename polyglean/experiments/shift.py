@@ -46,7 +46,7 @@ class ShiftConsistency:
 
 
 def load_eval_model(spec: str, weights: str | None = None, *, downsample: str | None = None,
-                    pretrained: bool = False) -> tuple[nn.Module, Preprocess]:
+                    pretrained: bool = False, random_weights: int | None = None) -> tuple[nn.Module, Preprocess]:
     """The model to evaluate: :func:`polyglean.load_model`, or the architecture with its subsampling layers
     swapped to ``downsample``; a checkpoint written by ``polyglean train`` is checked against ``spec`` and
     ``downsample`` (an APS checkpoint has the default's keys, so keys alone cannot tell).
@@ -55,7 +55,7 @@ def load_eval_model(spec: str, weights: str | None = None, *, downsample: str | 
         CheckpointError: the checkpoint records another model or downsample, or ``downsample`` is given with
             weights that ``polyglean train`` did not write.
     """
-    from polyglean.finetune import build_model, load_finetuned, read_checkpoint
+    from polyglean.training.finetune import build_model, load_finetuned, read_checkpoint
     from polyglean.models import load_model
 
     if weights is not None:
@@ -65,11 +65,11 @@ def load_eval_model(spec: str, weights: str | None = None, *, downsample: str | 
             if downsample is not None:
                 raise CheckpointError(f"--downsample {downsample} --weights {weights}: not a checkpoint written by "
                                       "`polyglean train`") from None
-            return load_model(spec, weights, pretrained=pretrained)
+            return load_model(spec, weights, pretrained=pretrained, random_weights=random_weights)
         return load_finetuned(spec, downsample, weights)
     if downsample is not None:
-        return build_model(spec, downsample)
-    return load_model(spec, pretrained=pretrained)
+        return build_model(spec, downsample, pretrained=pretrained, random_weights=random_weights)
+    return load_model(spec, pretrained=pretrained, random_weights=random_weights)
 
 
 class _Larger(Dataset[Any]):

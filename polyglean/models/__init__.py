@@ -27,9 +27,10 @@ from polyglean.models.cifar_resnet import (
     cifar_resnet56,
     shortcut_a,
 )
+from polyglean.models.classes import num_classes
 from polyglean.models.efficientnet_lite import efficientnet_key_map, efficientnet_lite0
 from polyglean.models.hub import WeightsUnavailableError
-from polyglean.models.loader import load_model
+from polyglean.models.loader import build_architecture, has_default_weights, load_model
 from polyglean.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from polyglean.models.registry import ModelPreset, get_preset, list_models, register_preset, unregister_preset
 
@@ -44,6 +45,7 @@ __all__ = [
     "Preprocess",
     "ShortcutA",
     "WeightsUnavailableError",
+    "build_architecture",
     "cifar_resnet",
     "cifar_resnet20",
     "cifar_resnet32",
@@ -52,11 +54,13 @@ __all__ = [
     "efficientnet_key_map",
     "efficientnet_lite0",
     "get_preset",
+    "has_default_weights",
     "list_models",
     "load_checkpoint",
     "load_model",
     "load_state_dict_file",
     "load_state_dict_strict",
+    "num_classes",
     "register_preset",
     "shortcut_a",
     "unregister_preset",

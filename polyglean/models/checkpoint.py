@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import pickle
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -23,10 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 from polyglean.errors import CheckpointError
+from polyglean.io import load_torch
 
 __all__ = [
     "STRIP_MODULE",
     "CheckpointError",
+    "CheckpointNotFoundError",
     "KeyMap",
     "load_checkpoint",
     "load_state_dict_file",
@@ -36,6 +37,9 @@ __all__ = [
 _NESTED_KEYS = ("state_dict", "model")
 _SHOW = 5
 
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint path that does not exist (a :class:`CheckpointError` that is also a ``FileNotFoundError``)."""
 
 
 def _first(items: Iterable[str], n: int = _SHOW) -> str:
@@ -127,19 +131,14 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         The mapping from parameter/buffer names to tensors.
 
     Raises:
-        FileNotFoundError: the file does not exist.
-        CheckpointError: the file is not a readable checkpoint or holds no state dict of tensors.
+        CheckpointNotFoundError: the file does not exist.
+        CheckpointError: the file is not a readable checkpoint (a text file, a truncated file, a pickle of other
+            objects) or holds no state dict of tensors.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as exc:
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (torch.load with weights_only=True failed: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-        ) from exc
+        raise CheckpointNotFoundError(f"weights file not found: {path}")
+    obj = load_torch(path, "weights file")
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict (expected a dict of tensors)")
     for nested in _NESTED_KEYS:

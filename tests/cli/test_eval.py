@@ -25,7 +25,7 @@ def folder(tmp_path: Path) -> Path:
 
 def test_eval_json_plot(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, fig = tmp_path / "r.json", tmp_path / "r.png"
-    rc = main(["eval", "--model", "torchvision:resnet18", "--data", str(folder), "--budgets", "1,4",
+    rc = main(["eval", "--model", "torchvision:resnet18", "--random-weights", "--data", str(folder), "--budgets", "1,4",
                "--batch-size", "4", "--aggregate", "mean,entropy", "--align-both", "--json", str(out),
                "--plot", str(fig), "--no-progress", "--workers", "0"])
     assert rc == 0
@@ -53,7 +53,7 @@ def test_eval_json_plot(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixt
 ])
 def test_bad_arguments(folder: Path, argv: list[str], message: str | None,
                        capsys: pytest.CaptureFixture[str]) -> None:
-    base = ["eval", "--model", "torchvision:resnet18", "--data", str(folder), "--no-progress"]
+    base = ["eval", "--model", "torchvision:resnet18", "--random-weights", "--data", str(folder), "--no-progress"]
     if message is None:
         with pytest.raises(SystemExit):
             main(base + argv)
@@ -63,7 +63,8 @@ def test_bad_arguments(folder: Path, argv: list[str], message: str | None,
 
 
 def test_empty_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["eval", "--model", "torchvision:resnet18", "--data", str(tmp_path), "--no-progress"]) == 2
+    assert main(["eval", "--model", "torchvision:resnet18", "--random-weights", "--data", str(tmp_path),
+                 "--no-progress"]) == 2
     assert "Traceback" not in capsys.readouterr().err
 
 

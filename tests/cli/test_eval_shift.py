@@ -31,7 +31,8 @@ def _eval(argv: list[str], out: Path) -> dict:
 @pytest.mark.slow
 def test_crop_protocol_for_imagenet_sized_models(tmp_path: Path) -> None:
     data = _folder(tmp_path / "data", (40, 48))
-    payload = _eval(["--model", "torchvision:resnet18", "--data", str(data), "--shift-consistency", "--seed", "3"],
+    payload = _eval(["--model", "torchvision:resnet18", "--random-weights", "--data", str(data), "--shift-consistency",
+                     "--seed", "3"],
                     tmp_path / "r.json")
     sc = payload["shift_consistency"]
     assert sc["protocol"] == "crop" and sc["n_images"] == 4 and sc["seed"] == 3
@@ -55,6 +56,6 @@ def test_cifar_shift_protocol_and_swapped_pretrained(shared_data: Path, tmp_path
 
 def test_not_with_tta(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = _folder(tmp_path / "data", (32, 32))
-    assert main(["eval", "--model", "torchvision:resnet18", "--data", str(data), "--tta", "mean",
+    assert main(["eval", "--model", "torchvision:resnet18", "--random-weights", "--data", str(data), "--tta", "mean",
                  "--shift-consistency", "--no-progress"]) == 2
     assert "not supported together with --tta" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from polyglean.cli.main import main
-from polyglean.finetune import CHECKPOINT_FORMAT
+from polyglean.training.finetune import CHECKPOINT_FORMAT
 
 pytestmark = [pytest.mark.data]
 
@@ -52,7 +52,7 @@ def test_train_resume_and_eval(shared_data: Path, tiny: Path, tmp_path: Path, mo
     full = torch.load(straight, weights_only=True)
     assert full["epoch"] == 2 and len(full["history"]) == 2
 
-    import polyglean.finetune as finetune  # a crash during epoch 2 leaves the checkpoint of epoch 1
+    import polyglean.training.finetune as finetune  # a crash during epoch 2 leaves the checkpoint of epoch 1
 
     calls = []
     real = finetune.train_epoch
@@ -110,3 +110,64 @@ def test_unknown_downsample_is_an_argparse_error(tmp_path: Path) -> None:
 def test_resume_without_checkpoint(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _train(tiny, tmp_path / "none.pt", "--epochs", "1", "--resume") == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_a_finished_checkpoint_is_never_overwritten_silently(tiny: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = tmp_path / "done.pt"
+    ckpt.write_bytes(b"a finished run")
+    assert _train(tiny, ckpt, "--epochs", "1") == 2
+    assert "exists; pass --resume to continue it, --overwrite to replace it" in capsys.readouterr().err
+    assert ckpt.read_bytes() == b"a finished run"
+    assert _train(tiny, ckpt, "--epochs", "1", "--resume", "--overwrite") == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_overwrite_and_resume_keep_the_recorded_settings(shared_data: Path, tiny: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("POLYGLEAN_DATA", str(shared_data))
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(b"old")
+    assert _train(tiny, ckpt, "--epochs", "1", "--limit", "4", "--overwrite") == 0
+    first = ckpt.read_bytes()
+    assert torch.load(ckpt, weights_only=True)["config"]["limit"] == 4
+    assert _train(tiny, ckpt, "--epochs", "1", "--limit", "8", "--resume") == 2
+    assert "limit=4 (now 8)" in capsys.readouterr().err
+    assert _train(tiny, ckpt, "--epochs", "1", "--limit", "4", "--resume") == 0
+    assert "already trained 1 of 1 epochs; nothing to do" in capsys.readouterr().out
+    assert ckpt.read_bytes() == first
+
+
+def test_a_torchvision_model_without_weights_is_refused(tiny: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--model", "torchvision:resnet18", "--data", str(tiny), "--epochs", "1", "--out",
+                 str(tmp_path / "r.pt"), "--no-progress"]) == 2
+    assert "has no weights here" in capsys.readouterr().err and not (tmp_path / "r.pt").exists()
+
+
+def test_a_text_file_as_weights_is_one_line(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not weights\n" * 30)
+    assert main(["train-aggregator", "--model", "cifar10-resnet20", "--weights", str(notes), "--data", str(tiny),
+                 "--out", str(tmp_path / "a.pt"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt' is not a readable PyTorch checkpoint: not a file written by torch.save" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["train", "train-aggregator"])
+def test_a_corrupt_image_with_workers_is_one_line(tiny: Path, tmp_path: Path, command: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    for cls in sorted(tiny.iterdir())[:2]:
+        (data / cls.name).mkdir(parents=True)
+        for image in cls.iterdir():
+            (data / cls.name / image.name).symlink_to(image.resolve())
+    (data / sorted(tiny.iterdir())[0].name / "zz-broken.png").write_bytes(b"\x89PNG broken")
+    argv = [command, "--model", "cifar10-resnet20", "--data", str(data), "--workers", "1", "--out",
+            str(tmp_path / "c.pt"), "--epochs", "1", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "cannot read image" in err and "zz-broken.png" in err

@@ -21,8 +21,21 @@ def trained(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     argv = ["train-aggregator", "--model", "cifar10-resnet20", "--data", train, "--subset", "0:48",
             "--val-data", train, "--val-subset", "48:80", "--batch-size", "16", "--out", str(out),
             "--cache", str(out.parent / "cache"), "--no-progress"]
-    assert main([*argv, "--epochs", "1"]) == 0
-    # resume to a second epoch, reusing the cached candidates
+    import polyglean.training.aggregator as training
+
+    real, calls = training.train_epoch, []
+
+    def crash_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:  # interrupted during the second epoch: the first one's checkpoint
+        mp.setattr(training, "train_epoch", crash_in_epoch_two)
+        assert main([*argv, "--epochs", "2"]) == 130
+    assert torch.load(out, weights_only=True)["epoch"] == 0
+    # resume to the second epoch, reusing the cached candidates
     assert main([*argv, "--epochs", "2", "--resume", "--export", str(out.parent / "slim.pt")]) == 0
     return out
 
@@ -79,3 +92,56 @@ def test_holdout(shared_data: Path, trained: Path, tmp_path: Path, capsys: pytes
     assert "--holdout must be between 1 and 47" in capsys.readouterr().err
     assert main([*base, "--holdout", "8", "--val-data", train, "--out", str(tmp_path / "y.pt")]) == 2
     assert "either --val-data or --holdout" in capsys.readouterr().err
+
+
+def _base(shared_data: Path, out: Path, cache: Path, *extra: str, **options: str) -> list[str]:
+    """The fixture's run (2 epochs) writing to ``out``; ``options`` replace its values (``lr="0.01"``)."""
+    train = str(shared_data / "cifar10-jpeg" / "train")
+    values = {"subset": "0:48", "val_subset": "48:80", "batch_size": "16", "epochs": "2", **options}
+    argv = ["train-aggregator", "--model", "cifar10-resnet20", "--data", train, "--val-data", train, "--out",
+            str(out), "--cache", str(cache), "--no-progress", *extra]
+    for key, value in values.items():
+        argv += [f"--{key.replace('_', '-')}", value]
+    return argv
+
+
+@pytest.mark.slow
+def test_cold_and_warm_cache_and_resume_give_the_same_module(shared_data: Path, trained: Path,
+                                                             tmp_path: Path) -> None:
+    cold, warm = tmp_path / "cold.pt", tmp_path / "warm.pt"
+    assert main(_base(shared_data, cold, tmp_path / "fresh-cache", "--workers", "0")) == 0  # searches again
+    assert main(_base(shared_data, warm, trained.parent / "cache")) == 0  # the fixture's cached candidates
+    resumed = torch.load(trained, weights_only=True)["state_dict"]  # interrupted and resumed, warm cache
+    for other in (cold, warm):
+        state = torch.load(other, weights_only=True)["state_dict"]
+        for key, value in resumed.items():
+            assert torch.equal(state[key], value), (other.name, key)
+
+
+def test_resume_refuses_other_settings_and_keeps_the_metadata(shared_data: Path, trained: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    before = trained.read_bytes()
+    cache = trained.parent / "cache"
+    for options, message in [({"lr": "0.01"}, "lr=0.001 (now 0.01)"),
+                             ({"subset": "0:40"}, "subset='0:48' (now '0:40')"),
+                             ({"epochs": "3"}, "epochs=2 (now 3)"),
+                             ({"dim": "32"}, "dim=64 (now 32)")]:
+        assert main(_base(shared_data, trained, cache, "--resume", **options)) == 2, options
+        assert message in capsys.readouterr().err
+    assert main(_base(shared_data, trained, cache, "--resume")) == 0  # finished: nothing left to train
+    assert "has already trained 2 of 2 epochs; nothing to do" in capsys.readouterr().out
+    assert trained.read_bytes() == before  # never rewritten by a refused or empty resume
+
+
+def test_an_existing_checkpoint_is_never_overwritten_silently(shared_data: Path, trained: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "agg.pt"
+    out.write_bytes(trained.read_bytes())
+    argv = _base(shared_data, out, trained.parent / "cache")
+    assert main(argv) == 2
+    assert "exists; pass --resume to continue it, --overwrite to replace it" in capsys.readouterr().err
+    assert out.read_bytes() == trained.read_bytes()
+    assert main([*argv, "--resume", "--overwrite"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main([*argv, "--overwrite", "--epochs", "1"]) == 0
+    assert torch.load(out, weights_only=True)["meta"]["training"]["epochs"] == 1

@@ -87,8 +87,28 @@ class TestLoadStateDictFile:
 
     def test_pickled_object_refused(self, tmp_path: Path) -> None:
         torch.save({"net": _net()}, tmp_path / "module.pt")
-        with pytest.raises(CheckpointError, match="module.pt.*weights_only"):
+        with pytest.raises(CheckpointError, match="module.pt.*never unpickled") as caught:
             load_state_dict_file(tmp_path / "module.pt")
+        assert "weights_only" not in str(caught.value)  # never PyTorch's advice to turn the safety off
+
+    def test_hostile_pickle_refused_without_running_it(self, tmp_path: Path) -> None:
+        ran = tmp_path / "ran"
+
+        class Hostile:
+            def __reduce__(self):  # unpickling would create the file `ran`
+                return (Path.touch, (ran,))
+
+        torch.save({"state_dict": {"w": torch.ones(1)}, "x": Hostile()}, tmp_path / "hostile.pt")
+        with pytest.raises(CheckpointError) as caught:
+            load_state_dict_file(tmp_path / "hostile.pt")
+        assert "weights_only" not in str(caught.value) and "\n" not in str(caught.value)
+        assert not ran.exists()
+
+    def test_text_file_is_one_clear_error(self, tmp_path: Path) -> None:
+        (tmp_path / "notes.txt").write_text("these are not weights\n" * 20)
+        with pytest.raises(CheckpointError, match="notes.txt' is not a readable PyTorch checkpoint: not a file "
+                                                  "written by torch.save"):
+            load_state_dict_file(tmp_path / "notes.txt")
 
 
 class TestStrictLoading:

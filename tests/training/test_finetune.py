@@ -1,4 +1,4 @@
-"""polyglean.finetune: pretrained initialisation through the swap, atomic checkpoints, strict reloading."""
+"""polyglean.training.finetune: pretrained initialisation through the swap, atomic checkpoints, strict reloading."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from polyglean.finetune import (
+from polyglean.training.finetune import (
     CHECKPOINT_FORMAT,
     DOWNSAMPLES,
     build_model,
@@ -28,7 +28,7 @@ def test_save_checkpoint_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert read_checkpoint(path)["epoch"] == 1 and read_checkpoint(path)["format"] == CHECKPOINT_FORMAT
 
     def broken_save(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"half a checkpoint")
+        f.write(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
