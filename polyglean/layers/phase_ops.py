@@ -77,7 +77,8 @@ class AdaPool2dPhase(ModulePhaseOp):
     def at_phase(self, phase: Phase, x: Tensor) -> Tensor:
         m = self.module
         out = _pool_out(m, x)
-        edscw = subsample_at(edscw_pool2d(x, m.kernel_size, 1, m.padding, False), self.factor, phase, out)
+        edscw1 = edscw_pool2d(x, m.kernel_size, 1, m.padding, False, similarity=m.similarity)
+        edscw = subsample_at(edscw1, self.factor, phase, out)
         soft = subsample_at(soft_pool2d(x, m.kernel_size, 1, m.padding, False), self.factor, phase, out)
         beta = m.beta.to(dtype=x.dtype)
         return beta * edscw + (1 - beta) * soft

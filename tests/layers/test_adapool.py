@@ -24,8 +24,12 @@ def _out_size(size: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
     return out
 
 
-def reference_pools(x: torch.Tensor, kernel, stride, padding, ceil_mode):
-    """(EDSCW, SoftPool) by loops: DSC between each pixel's channel vector and the window's mean vector."""
+def reference_pools(x: torch.Tensor, kernel, stride, padding, ceil_mode, similarity: str = "channel"):
+    """(EDSCW, SoftPool) by loops.
+
+    ``similarity="channel"`` (the authors' kernel): per channel, ``DSC = 2 a m / (a^2 + m^2)`` between an activation
+    and its window's mean; ``"vector"``: DSC between each pixel's channel vector and the window's mean vector.
+    """
     n_, c_, h, w = x.shape
     oh, ow = (_out_size(x.shape[2 + d], kernel[d], stride[d], padding[d], ceil_mode) for d in (0, 1))
     data = x.double().tolist()
@@ -44,6 +48,8 @@ def reference_pools(x: torch.Tensor, kernel, stride, padding, ceil_mode):
                for p in pixels]
         ew = [math.exp(d) for d in dsc]
         for c in range(c_):
+            if similarity == "channel":
+                ew = [math.exp(2 * p[c] * mean[c] / (p[c] * p[c] + mean[c] * mean[c] + EPS)) for p in pixels]
             edscw[n, c, i, j] = sum(e * p[c] for e, p in zip(ew, pixels)) / sum(ew)
             vals = [p[c] for p in pixels]
             m = max(vals)
@@ -75,11 +81,13 @@ class TestAdaPool2d:
         [((6, 6), (2, 2), (2, 2), (0, 0), False), ((7, 5), (3, 3), (2, 2), (1, 1), True),
          ((5, 8), (3, 2), (1, 3), (1, 1), True)],
     )
-    def test_components_match_reference(self, size, kernel, stride, padding, ceil_mode):
+    @pytest.mark.parametrize("similarity", ["channel", "vector"])
+    def test_components_match_reference(self, size, kernel, stride, padding, ceil_mode, similarity):
         x = _random((2, 3) + size, seed=1)
-        edscw, soft = reference_pools(x, kernel, stride, padding, ceil_mode)
+        edscw, soft = reference_pools(x, kernel, stride, padding, ceil_mode, similarity)
         assert edscw.shape == F.avg_pool2d(x, kernel, stride, padding, ceil_mode).shape
-        torch.testing.assert_close(edscw_pool2d(x, kernel, stride, padding, ceil_mode), edscw, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(edscw_pool2d(x, kernel, stride, padding, ceil_mode, similarity=similarity), edscw,
+                                   rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(soft_pool2d(x, kernel, stride, padding, ceil_mode), soft, rtol=1e-10, atol=1e-10)
 
     @SETTINGS
@@ -87,9 +95,10 @@ class TestAdaPool2d:
     def test_blend_matches_reference_property(self, cfg):
         sizes, kernel, stride, padding, ceil_mode, seed, beta = cfg
         x = _random((2, 3) + sizes, seed)
-        edscw, soft = reference_pools(x, kernel, stride, padding, ceil_mode)
-        y = ada_pool2d(x, beta, kernel, stride, padding, ceil_mode)
-        torch.testing.assert_close(y, beta * edscw + (1 - beta) * soft, rtol=1e-10, atol=1e-10)
+        for similarity in ("channel", "vector"):
+            edscw, soft = reference_pools(x, kernel, stride, padding, ceil_mode, similarity)
+            y = ada_pool2d(x, beta, kernel, stride, padding, ceil_mode, similarity=similarity)
+            torch.testing.assert_close(y, beta * edscw + (1 - beta) * soft, rtol=1e-10, atol=1e-10)
 
     def test_beta_one_and_zero_give_the_components(self):
         x = _random((2, 4, 7, 7), seed=2)
@@ -101,7 +110,7 @@ class TestAdaPool2d:
         assert torch.equal(y[..., 0::2], edscw_pool2d(x, *args)[..., 0::2])
         assert torch.equal(y[..., 1::2], soft_pool2d(x, *args)[..., 1::2])
 
-    def test_edscw_weights_shared_across_channels(self):
+    def test_edscw_vector_weights_shared_across_channels(self):
         x = torch.zeros(1, 2, 2, 2, dtype=torch.float64)
         x[0, :, 0, 0] = torch.tensor([1.0, 1.0])
         x[0, :, 1, 1] = torch.tensor([1.0, -1.0])
@@ -109,7 +118,33 @@ class TestAdaPool2d:
         d = 1.0 / 2.25
         wa = math.exp(d) / (2 * math.exp(d) + 2)
         expected = torch.tensor([wa * 2, 0.0], dtype=torch.float64).view(1, 2, 1, 1)
+        torch.testing.assert_close(edscw_pool2d(x, 2, similarity="vector"), expected, rtol=1e-12, atol=1e-12)
+
+    def test_edscw_channel_weights_per_channel(self):
+        x = torch.zeros(1, 2, 2, 2, dtype=torch.float64)
+        x[0, :, 0, 0] = torch.tensor([1.0, 1.0])
+        x[0, :, 1, 1] = torch.tensor([1.0, -1.0])
+        # channel 0: mean 0.5; DSC = 2*1*0.5/(1+0.25) = 0.8 at the two ones, 0 at the zeros
+        w0 = math.exp(0.8) / (2 * math.exp(0.8) + 2)
+        # channel 1: mean 0; DSC = 0 everywhere, plain averaging: (1 - 1) / 4
+        expected = torch.tensor([2 * w0, 0.0], dtype=torch.float64).view(1, 2, 1, 1)
         torch.testing.assert_close(edscw_pool2d(x, 2), expected, rtol=1e-12, atol=1e-12)
+        # a channel's result depends on that channel only (the vector form mixes them)
+        y = torch.cat([x[:, :1], 50 * x[:, 1:]], dim=1)
+        assert torch.equal(edscw_pool2d(y, 2)[:, :1], edscw_pool2d(x[:, :1], 2))
+        assert not torch.equal(edscw_pool2d(y, 2, similarity="vector")[:, :1],
+                               edscw_pool2d(x, 2, similarity="vector")[:, :1])
+
+    def test_similarity_option(self):
+        x = _random((2, 3, 6, 6), seed=9)
+        module = AdaPool2d(2, similarity="vector")
+        assert torch.equal(module(x), ada_pool2d(x, module.beta, 2, similarity="vector"))
+        assert not torch.equal(module(x), AdaPool2d(2)(x))
+        assert "similarity='vector'" in repr(module)
+        with pytest.raises(ValueError, match="unknown EDSCW similarity 'pixel'; expected one of 'channel', 'vector'"):
+            edscw_pool2d(x, 2, similarity="pixel")
+        with pytest.raises(ValueError, match="unknown EDSCW similarity"):
+            AdaPool2d(2, similarity="pixel")
 
     def test_constant_input_returns_constant(self):
         x = torch.full((1, 3, 6, 6), -2.5, dtype=torch.float64)
