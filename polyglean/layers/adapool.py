@@ -29,9 +29,13 @@ from torch import Tensor, nn
 
 from polyglean.layers._registry import register_layer
 from polyglean.layers._utils import check_input, ntuple, pool_out_size, pool_windows
-from polyglean.layers.softpool import soft_windows
+from polyglean.layers.phase_ops import pool_out, subsample_at
+from polyglean.layers.rules import pooling_rule
+from polyglean.layers.softpool import soft_pool2d, soft_windows
+from polyglean.phase.functional import Phase
+from polyglean.sites.ops import ModulePhaseOp
 
-__all__ = ["SIMILARITIES", "AdaPool2d", "ada_pool2d", "edscw_pool2d"]
+__all__ = ["SIMILARITIES", "AdaPool2d", "AdaPool2dPhase", "ada_pool2d", "edscw_pool2d"]
 
 _IntOrSeq = int | Sequence[int]
 _EPS = 1e-12
@@ -179,7 +183,6 @@ def ada_pool2d(
     return beta * edscw + (1 - beta) * soft
 
 
-@register_layer("adapool")
 class AdaPool2d(nn.Module):
     """2-D adaPool with a learnable blend weight, a Module over :func:`ada_pool2d`.
 
@@ -255,3 +258,22 @@ class AdaPool2d(nn.Module):
             f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
             f"ceil_mode={self.ceil_mode}, beta={beta}, similarity={self.similarity!r}"
         )
+
+
+class AdaPool2dPhase(ModulePhaseOp):
+    """An :class:`AdaPool2d` at any phase of its stride (scalar or per-position ``beta``): both stride-1 halves,
+    sliced, then blended."""
+
+    kind = "ada_pool"
+
+    def at_phase(self, phase: Phase, x: Tensor) -> Tensor:
+        m = self.module
+        out = pool_out(m, x)
+        edscw1 = edscw_pool2d(x, m.kernel_size, 1, m.padding, False, similarity=m.similarity)
+        edscw = subsample_at(edscw1, self.factor, phase, out)
+        soft = subsample_at(soft_pool2d(x, m.kernel_size, 1, m.padding, False), self.factor, phase, out)
+        beta = m.beta.to(dtype=x.dtype)
+        return beta * edscw + (1 - beta) * soft
+
+
+register_layer("adapool", swap_rule=pooling_rule(AdaPool2d, "adapool"), phase_op=AdaPool2dPhase)(AdaPool2d)
