@@ -241,7 +241,8 @@ class AdaPool2d(nn.Module):
         return torch.sigmoid(self.beta_logit)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.beta_size is not None and x.dim() == 4:
+        check_input(x, 2, "AdaPool2d")
+        if self.beta_size is not None:
             kernel, stride, pad = self.kernel_size, self.stride, self.padding
             out = tuple(pool_out_size(x.shape[2 + d], kernel[d], stride[d], pad[d], self.ceil_mode) for d in (0, 1))
             if out != self.beta_size:

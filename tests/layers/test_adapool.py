@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polyglean.layers import AdaPool2d, ada_pool2d, edscw_pool2d, soft_pool2d
+from tests.layers.battery import LayerBattery, LayerCase
 
 SETTINGS = settings(max_examples=20, deadline=None, database=None, derandomize=True)
 EPS = 1e-12
@@ -73,9 +74,6 @@ def config(draw):
 
 
 class TestAdaPool2d:
-    def test_smoke(self):
-        assert AdaPool2d(2)(torch.randn(2, 3, 8, 8)).shape == (2, 3, 4, 4)
-
     @pytest.mark.parametrize(
         ("size", "kernel", "stride", "padding", "ceil_mode"),
         [((6, 6), (2, 2), (2, 2), (0, 0), False), ((7, 5), (3, 3), (2, 2), (1, 1), True),
@@ -157,17 +155,14 @@ class TestAdaPool2d:
         x = torch.randn(2, 3, 6, 6) * 1e4
         assert torch.isfinite(AdaPool2d(2)(x)).all()
 
-    def test_gradcheck(self):
+    def test_gradcheck_beta_itself(self):  # the battery differentiates through beta = sigmoid(beta_logit)
         x = _random((1, 2, 4, 5), seed=3, scale=1.0).requires_grad_(True)
         beta = torch.rand(3, 3, dtype=torch.float64).requires_grad_(True)
         assert torch.autograd.gradcheck(lambda t, b: ada_pool2d(t, b, 3, 2, 1, True), (x, beta))
 
-    def test_module_equals_function(self):
+    def test_scalar_beta_and_state(self):
         x = torch.randn(2, 3, 8, 8)
         module = AdaPool2d(3, 2, 1, beta_size=(4, 4), beta_init=0.25)
-        with torch.no_grad():
-            module.beta_logit.normal_()
-        assert torch.equal(module(x), ada_pool2d(x, torch.sigmoid(module.beta_logit), 3, 2, 1))
         scalar = AdaPool2d(2)
         assert scalar.beta_logit.shape == () and abs(scalar.beta.item() - 0.5) < 1e-7
         assert torch.equal(scalar(x), ada_pool2d(x, scalar.beta, 2))
@@ -180,10 +175,6 @@ class TestAdaPool2d:
         with torch.no_grad():
             module.beta_logit.fill_(1e3)
         assert 0.0 <= module.beta.min().item() <= module.beta.max().item() <= 1.0
-
-    def test_noncontiguous(self):
-        x = _random((2, 3, 6, 7), seed=4).transpose(-1, -2)
-        torch.testing.assert_close(ada_pool2d(x, 0.5, 2), ada_pool2d(x.contiguous(), 0.5, 2), rtol=1e-12, atol=1e-12)
 
     def test_repr(self):
         text = repr(AdaPool2d(3, 2, beta_size=(4, 4)))
@@ -204,7 +195,34 @@ class TestAdaPool2d:
             AdaPool2d(2, beta_init=1.0)
         with pytest.raises(ValueError, match=r"beta_size=\(3, 3\) got input .* output grid is \(2, 2\)"):
             AdaPool2d(2, beta_size=(3, 3))(x)
-        with pytest.raises(ValueError, match=r"4-D input"):
-            AdaPool2d(2)(torch.randn(2, 4, 4))
         with pytest.raises(TypeError, match="beta must be a float or a tensor"):
             ada_pool2d(x, "half", 2)
+
+
+def _ada_function(module, x):
+    return ada_pool2d(x, torch.sigmoid(module.beta_logit), module.kernel_size, module.stride, module.padding,
+                      module.ceil_mode, similarity=module.similarity)
+
+
+def _ada_reference(module, x):
+    edscw, soft = reference_pools(x, module.kernel_size, module.stride, module.padding, module.ceil_mode,
+                                  module.similarity)
+    beta = module.beta.double()
+    return beta * edscw + (1 - beta) * soft
+
+
+class TestAdaPool2dBattery(LayerBattery):  # per-channel EDSCW, one beta per output position
+    case = LayerCase(
+        layer="adapool", make=lambda: AdaPool2d(3, 2, 1, True, beta_size=(3, 3), beta_init=0.25),
+        function=_ada_function, reference=_ada_reference, shapes=[((2, 3, 5, 5), (2, 3, 3, 3)), ((1, 2, 4, 5), (1, 2, 3, 3))],
+        grad_shape=(1, 2, 4, 5),
+        bad_inputs=[(torch.randn(1, 2, 8, 8), ValueError, r"beta_size=\(3, 3\) got input .* output grid is \(5, 5\)")],
+    )
+
+
+class TestAdaPool2dVectorBattery(LayerBattery):  # EDSCW over channel vectors, scalar beta
+    case = LayerCase(
+        layer="adapool-vector", make=lambda: AdaPool2d(2, similarity="vector"), function=_ada_function,
+        reference=_ada_reference, shapes=[((2, 3, 8, 8), (2, 3, 4, 4)), ((1, 2, 5, 7), (1, 2, 2, 3))],
+        grad_shape=(1, 2, 4, 4),
+    )
