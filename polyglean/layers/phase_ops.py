@@ -14,8 +14,6 @@ result (:func:`subsample_at`), with the default output shape; entries past the s
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -48,12 +46,25 @@ def pool_out(module: nn.Module, x: Tensor) -> tuple[int, int]:
             pool_out_size(x.shape[-1], k[1], s[1], p[1], module.ceil_mode))
 
 
+_REGISTERED: dict[type[nn.Module], type[ModulePhaseOp] | None] = {}
+
+
 def register_phase_op(cls: type[nn.Module], phase_cls: type[ModulePhaseOp] | None) -> None:
     """Registers ``phase_cls`` as the op kind of the layer class ``cls`` with site discovery.
 
     The kind applies where the layer's ``stride`` attribute (an int or a pair) is not 1; ``phase_cls=None`` makes the
-    layer a leaf of the trace that never subsamples (as :class:`~polyglean.layers.APSIndex2d`).
+    layer a leaf of the trace that never subsamples (as :class:`~polyglean.layers.APSIndex2d`). Registering the same
+    pair again does nothing (a layer registered again after :func:`~polyglean.layers.unregister_layer`).
+
+    Raises:
+        ValueError: ``cls`` already has another op kind.
     """
+    if cls in _REGISTERED:
+        if _REGISTERED[cls] is not phase_cls:
+            raise ValueError(f"an op kind for layer {cls.__qualname__} is already registered "
+                             f"({getattr(_REGISTERED[cls], '__qualname__', None)})")
+        return
+    _REGISTERED[cls] = phase_cls
     if phase_cls is None:
         register_module_op(cls, lambda module, name: None)
         return

@@ -73,11 +73,11 @@ def _input(shape: Sequence[int], seed: int, dtype: torch.dtype = torch.float64, 
 
 def _module(case: LayerCase, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
     torch.manual_seed(0)
-    module = case.make().to(dtype=dtype, device=device).eval()
-    with torch.no_grad():  # random parameters, so that a parameter the function ignores shows
+    module = case.make()
+    with torch.no_grad():  # random parameters (the same for every dtype), so that one the function ignores shows
         for param in module.parameters():
             param.normal_(0.0, 0.5)
-    return module
+    return module.to(dtype=dtype, device=device).eval()
 
 
 class LayerBattery:
