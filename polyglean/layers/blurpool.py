@@ -444,8 +444,9 @@ def zhang_key_map(swapped: nn.Module) -> dict[str, str]:
 
     Example:
         >>> import torchvision
-        >>> aa = polyglean.swap(torchvision.models.resnet18(), "blurpool", recipe="zhang", filter_size=4)  # doctest: +SKIP
-        >>> zhang_key_map(aa)["layer2.0.downsample.1.weight"]  # doctest: +SKIP
+        >>> from polyglean import swap
+        >>> aa = swap(torchvision.models.resnet18(), "blurpool", recipe="zhang", filter_size=4, input_size=(3, 64, 64))
+        >>> zhang_key_map(aa)["layer2.0.downsample.1.weight"]
         'layer2.0.downsample.0.1.weight'
     """
     paths = _zhang_paths(swapped)

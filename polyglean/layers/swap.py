@@ -43,11 +43,17 @@ stay as they are, except under a site rule (APS); :func:`swap` logs a warning na
 modified.
 
 Example:
-    >>> import torchvision  # doctest: +SKIP
-    >>> model = torchvision.models.resnet18()  # doctest: +SKIP
-    >>> aa = swap(model, "blurpool", input_size=(3, 64, 64), filter_size=3)  # doctest: +SKIP
-    >>> key_map = swap_key_map(aa)  # doctest: +SKIP
-    >>> aa.load_state_dict({key_map.get(k, k): v for k, v in model.state_dict().items()})  # doctest: +SKIP
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    >>> aa = swap(model, "blurpool", input_size=(3, 32, 32), filter_size=3)
+    >>> aa[0].stride, aa[2]  # Conv(s) + BN + ReLU -> Conv(1) + BN + ReLU + BlurPool(s)
+    ((1, 1), SwapSequential(
+      kept=0
+      (0): ReLU()
+      (1): BlurPool2d(channels=8, filter_size=3, stride=(2, 2), pad_type='reflect')
+    ))
+    >>> key_map = swap_key_map(aa)  # no kept weight moved here: the conv keeps its place
+    >>> aa.load_state_dict({key_map.get(k, k): v for k, v in model.state_dict().items()})
+    <All keys matched successfully>
 """
 
 from __future__ import annotations
@@ -232,8 +238,13 @@ def swap_key_map(swapped: nn.Module) -> dict[str, str]:
     ``path.name`` to ``path.kept.name``; keys not in the map are unchanged.
 
     Example:
-        >>> key_map = swap_key_map(swapped)  # doctest: +SKIP
-        >>> swapped.load_state_dict({key_map.get(k, k): v for k, v in original.state_dict().items()})  # doctest: +SKIP
+        >>> original = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1))  # no ReLU: the blur follows the conv
+        >>> swapped = swap(original, "blurpool", input_size=(3, 16, 16))
+        >>> key_map = swap_key_map(swapped)
+        >>> key_map
+        {'0.weight': '0.0.weight', '0.bias': '0.0.bias'}
+        >>> swapped.load_state_dict({key_map.get(k, k): v for k, v in original.state_dict().items()})
+        <All keys matched successfully>
     """
     key_map: dict[str, str] = {}
     for path, module in swapped.named_modules():
