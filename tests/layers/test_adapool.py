@@ -214,9 +214,9 @@ def _ada_reference(module, x):
 class TestAdaPool2dBattery(LayerBattery):  # per-channel EDSCW, one beta per output position
     case = LayerCase(
         layer="adapool", make=lambda: AdaPool2d(3, 2, 1, True, beta_size=(3, 3), beta_init=0.25),
-        function=_ada_function, reference=_ada_reference, shapes=[((2, 3, 5, 5), (2, 3, 3, 3)), ((1, 2, 4, 5), (1, 2, 3, 3))],
-        grad_shape=(1, 2, 4, 5),
-        bad_inputs=[(torch.randn(1, 2, 8, 8), ValueError, r"beta_size=\(3, 3\) got input .* output grid is \(5, 5\)")],
+        function=_ada_function, reference=_ada_reference,
+        shapes=[((2, 3, 5, 5), (2, 3, 3, 3)), ((1, 2, 4, 5), (1, 2, 3, 3))], grad_shape=(1, 2, 4, 5),
+        bad_inputs=[(torch.randn(1, 2, 8, 8), ValueError, r"beta_size=\(3, 3\) got input .* grid is \(5, 5\)")],
     )
 
 
