@@ -10,7 +10,18 @@ Example:
     BlurPool2d(filter_size=5, stride=(2, 2), pad_type='reflect')
 """
 
-from polyglean.layers._registry import LAYERS, create_layer, get_layer, list_layers, register_layer
+from polyglean.layers._registry import (
+    LAYERS,
+    SITE_RULES,
+    SWAP_RULES,
+    create_layer,
+    get_layer,
+    list_layers,
+    register_layer,
+    register_site_rule,
+    register_swap_rule,
+    unregister_layer,
+)
 from polyglean.layers.adapool import AdaPool2d, ada_pool2d, edscw_pool2d
 from polyglean.layers.aps import (
     APS2d,
@@ -28,9 +39,12 @@ from polyglean.layers.blurpool import (
     blur_pool1d,
     blur_pool2d,
     blur_pool3d,
+    convert_zhang_state_dict,
+    zhang_key_map,
 )
 from polyglean.layers.pasa import PASA2d, pasa2d, pasa_weights
-from polyglean.layers.swap import SWAP_RULES, SwapSequential, register_swap_rule, swap, swap_key_map
+from polyglean.layers.rules import SwapSequential
+from polyglean.layers.swap import swap, swap_key_map
 from polyglean.layers.softpool import (
     SoftPool1d,
     SoftPool2d,
@@ -51,6 +65,7 @@ __all__ = [
     "BlurPool3d",
     "SoftPool1d",
     "SoftPool2d",
+    "SITE_RULES",
     "SWAP_RULES",
     "SoftPool3d",
     "SwapSequential",
@@ -62,6 +77,7 @@ __all__ = [
     "blur_pool1d",
     "blur_pool2d",
     "blur_pool3d",
+    "convert_zhang_state_dict",
     "create_layer",
     "edscw_pool2d",
     "get_layer",
@@ -70,10 +86,13 @@ __all__ = [
     "pasa_weights",
     "polyphase_components2d",
     "register_layer",
+    "register_site_rule",
     "register_swap_rule",
     "soft_pool1d",
     "soft_pool2d",
     "soft_pool3d",
     "swap",
     "swap_key_map",
+    "unregister_layer",
+    "zhang_key_map",
 ]

@@ -2,19 +2,22 @@
 
 ``adaPool(x) = beta * EDSCW(x) + (1 - beta) * SoftPool(x)`` with ``beta`` in ``[0, 1]``.
 
-EDSCW (exponential Dice-Sorensen coefficient weighting) weights each pixel of a window by how similar its channel
-vector is to the window's mean channel vector. For a window ``R`` of pixels whose channel vectors are
-``a_i in R^C``::
+EDSCW (exponential Dice-Sorensen coefficient weighting) weights each activation of a window by its Dice similarity
+to the window's mean. By default (``similarity="channel"``) the similarity is computed per channel, as in the
+authors' CUDA kernel: for a window ``R`` and the activations ``a_i[c]`` of channel ``c``::
 
-    a_bar   = (1 / |R|) * sum_{i in R} a_i                         (mean channel vector of the window)
-    DSC_i   = 2 * |<a_i, a_bar>| / (||a_i||^2 + ||a_bar||^2 + eps)  (inner product and norms over channels)
-    w_i     = e^{DSC_i} / sum_{j in R} e^{DSC_j}                     (= softmax over the window of DSC)
-    y[c]    = sum_{i in R} w_i * a_i[c]
+    a_bar[c] = (1 / |R|) * sum_{i in R} a_i[c]                           (mean of the window, per channel)
+    DSC_i[c] = 2 * a_i[c] * a_bar[c] / (a_i[c]^2 + a_bar[c]^2 + eps)      (in [-1, 1]; 1 iff a_i[c] == a_bar[c])
+    w_i[c]   = e^{DSC_i[c]} / sum_{j in R} e^{DSC_j[c]}                    (= softmax over the window)
+    y[c]     = sum_{i in R} w_i[c] * a_i[c]
 
-The weights are shared by all channels of a pixel (the similarity is computed between channel vectors); SoftPool
-(:mod:`polyglean.layers.softpool`) weights each channel separately. ``eps = 1e-12`` keeps an all-zero window
-finite (its DSC is then 0 for every pixel, i.e. plain averaging). Padded positions are absent from both the mean
-and the softmax.
+so every channel has its own weights, as SoftPool (:mod:`polyglean.layers.softpool`) has. ``similarity="vector"``
+is the earlier behaviour of this library: one weight per pixel, shared by its channels, from the channel vectors
+``a_i in R^C``: ``DSC_i = 2 * |<a_i, a_bar>| / (||a_i||^2 + ||a_bar||^2 + eps)``.
+
+``eps = 1e-12`` keeps all-zero windows finite (their DSC is 0 everywhere, i.e. plain averaging of zeros); the
+authors' kernel has no ``eps`` (0/0 there). Unlike that kernel, the output is not clamped to ``>= 0``. Padded
+positions are absent from both the mean and the softmax.
 """
 
 from __future__ import annotations
@@ -26,12 +29,25 @@ from torch import Tensor, nn
 
 from polyglean.layers._registry import register_layer
 from polyglean.layers._utils import check_input, ntuple, pool_out_size, pool_windows
-from polyglean.layers.softpool import soft_windows
+from polyglean.layers.phase_ops import pool_out, subsample_at
+from polyglean.layers.rules import pooling_rule
+from polyglean.layers.softpool import soft_pool2d, soft_windows
+from polyglean.phase.functional import Phase
+from polyglean.sites.ops import ModulePhaseOp
 
-__all__ = ["AdaPool2d", "ada_pool2d", "edscw_pool2d"]
+__all__ = ["SIMILARITIES", "AdaPool2d", "AdaPool2dPhase", "ada_pool2d", "edscw_pool2d"]
 
 _IntOrSeq = int | Sequence[int]
 _EPS = 1e-12
+#: How EDSCW measures similarity: per channel (the authors' kernel, default) or over channel vectors.
+SIMILARITIES: tuple[str, ...] = ("channel", "vector")
+
+
+def _check_similarity(similarity: str) -> str:
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"unknown EDSCW similarity {similarity!r}; expected one of "
+                         f"{', '.join(map(repr, SIMILARITIES))}")
+    return similarity
 
 
 def _pool_args(
@@ -42,13 +58,18 @@ def _pool_args(
     return kernel, strides, ntuple(padding, 2, "padding", minimum=0)
 
 
-def _edscw_windows(windows: Tensor, mask: Tensor | None) -> Tensor:
+def _edscw_windows(windows: Tensor, mask: Tensor | None, similarity: str = "channel") -> Tensor:
     """EDSCW of unfolded windows ``(N, C, H_out, W_out, K)`` -> ``(N, C, H_out, W_out)``."""
     if mask is None:
         mean = windows.mean(dim=-1, keepdim=True)
     else:
         count = mask.sum(dim=-1, keepdim=True).to(windows.dtype)
         mean = (windows * mask).sum(dim=-1, keepdim=True) / count  # padded entries are zeros already
+    if similarity == "channel":  # the authors' kernel: one weight per activation
+        dsc = 2.0 * windows * mean / (windows.square() + mean.square() + _EPS)
+        if mask is not None:
+            dsc = dsc.masked_fill(~mask, float("-inf"))
+        return (torch.softmax(dsc, dim=-1) * windows).sum(dim=-1)
     dot = (windows * mean).sum(dim=1)  # (N, H_out, W_out, K): over channels
     norm_a = windows.square().sum(dim=1)
     norm_mean = mean.square().sum(dim=1)
@@ -65,19 +86,28 @@ def edscw_pool2d(
     stride: _IntOrSeq | None = None,
     padding: _IntOrSeq = 0,
     ceil_mode: bool = False,
+    *,
+    similarity: str = "channel",
 ) -> Tensor:
     """2-D exponential Dice-Sorensen coefficient weighted pooling (the EDSCW half of adaPool).
 
-    See the module docstring for the exact formula. Arguments as :func:`polyglean.layers.soft_pool2d`.
+    See the module docstring for the exact formula. Arguments as :func:`polyglean.layers.soft_pool2d`, and
+    ``similarity``: ``"channel"`` (per channel, the authors' kernel) or ``"vector"`` (over channel vectors).
 
     Shape:
         - x: ``(N, C, H, W)``
         - output: ``(N, C, H_out, W_out)``, as ``F.avg_pool2d`` with the same arguments.
+
+    Example:
+        >>> x = torch.tensor([[[[1.0, 1.0], [1.0, 5.0]]]])  # mean 2: the 1s are more similar to it than the 5
+        >>> edscw_pool2d(x, 2)
+        tensor([[[[1.9195]]]])
     """
     check_input(x, 2, "edscw_pool2d")
     kernel, strides, pads = _pool_args(kernel_size, stride, padding)
+    _check_similarity(similarity)
     windows, mask = pool_windows(x, kernel, strides, pads, bool(ceil_mode), "edscw_pool2d")
-    return _edscw_windows(windows, mask)
+    return _edscw_windows(windows, mask, similarity)
 
 
 def ada_pool2d(
@@ -87,6 +117,8 @@ def ada_pool2d(
     stride: _IntOrSeq | None = None,
     padding: _IntOrSeq = 0,
     ceil_mode: bool = False,
+    *,
+    similarity: str = "channel",
 ) -> Tensor:
     """2-D adaPool: ``beta * EDSCW(x) + (1 - beta) * SoftPool(x)``.
 
@@ -102,6 +134,8 @@ def ada_pool2d(
         stride: Window step; defaults to ``kernel_size``.
         padding: Implicit padding on both sides, at most half the kernel size; padded positions are absent.
         ceil_mode: Use ``ceil`` instead of ``floor`` for the output size.
+        similarity: EDSCW's similarity, ``"channel"`` (per channel, the authors' kernel; default) or
+            ``"vector"`` (one weight per pixel from its channel vector, this library's earlier behaviour).
 
     Returns:
         The pooled tensor.
@@ -122,6 +156,7 @@ def ada_pool2d(
     """
     check_input(x, 2, "ada_pool2d")
     kernel, strides, pads = _pool_args(kernel_size, stride, padding)
+    _check_similarity(similarity)
     if not isinstance(beta, Tensor):
         if isinstance(beta, bool) or not isinstance(beta, (int, float)):
             raise TypeError(f"beta must be a float or a tensor, got {type(beta).__name__}")
@@ -143,12 +178,11 @@ def ada_pool2d(
             f"beta of shape {tuple(beta.shape)} does not broadcast to the output shape {tuple(out_shape)}; "
             f"use a scalar or a (H_out, W_out) = {tuple(out_shape[-2:])} tensor"
         ) from None
-    edscw = _edscw_windows(windows, mask)
+    edscw = _edscw_windows(windows, mask, similarity)
     soft = soft_windows(windows, mask)
     return beta * edscw + (1 - beta) * soft
 
 
-@register_layer("adapool")
 class AdaPool2d(nn.Module):
     """2-D adaPool with a learnable blend weight, a Module over :func:`ada_pool2d`.
 
@@ -166,6 +200,8 @@ class AdaPool2d(nn.Module):
         ceil_mode: Use ``ceil`` for the output size.
         beta_size: ``None`` for a scalar ``beta``, or the output grid ``(H_out, W_out)`` for a per-position one.
         beta_init: Initial value of ``beta``, strictly between 0 and 1.
+        similarity: EDSCW's similarity, ``"channel"`` (default, the authors') or ``"vector"`` (see
+            :func:`ada_pool2d`).
 
     Shape:
         - input: ``(N, C, H, W)``
@@ -186,8 +222,10 @@ class AdaPool2d(nn.Module):
         *,
         beta_size: _IntOrSeq | None = None,
         beta_init: float = 0.5,
+        similarity: str = "channel",
     ) -> None:
         super().__init__()
+        self.similarity = _check_similarity(similarity)
         self.kernel_size, self.stride, self.padding = _pool_args(kernel_size, stride, padding)
         self.ceil_mode = bool(ceil_mode)
         if not 0.0 < float(beta_init) < 1.0:
@@ -203,7 +241,8 @@ class AdaPool2d(nn.Module):
         return torch.sigmoid(self.beta_logit)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.beta_size is not None and x.dim() == 4:
+        check_input(x, 2, "AdaPool2d")
+        if self.beta_size is not None:
             kernel, stride, pad = self.kernel_size, self.stride, self.padding
             out = tuple(pool_out_size(x.shape[2 + d], kernel[d], stride[d], pad[d], self.ceil_mode) for d in (0, 1))
             if out != self.beta_size:
@@ -211,11 +250,31 @@ class AdaPool2d(nn.Module):
                     f"AdaPool2d with beta_size={self.beta_size} got input {tuple(x.shape)}, whose output grid is "
                     f"{out}; use beta_size=None for a scalar beta that accepts any size"
                 )
-        return ada_pool2d(x, self.beta, self.kernel_size, self.stride, self.padding, self.ceil_mode)
+        return ada_pool2d(x, self.beta, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                          similarity=self.similarity)
 
     def extra_repr(self) -> str:
         beta = "scalar" if self.beta_size is None else f"{self.beta_size}"
         return (
             f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-            f"ceil_mode={self.ceil_mode}, beta={beta}"
+            f"ceil_mode={self.ceil_mode}, beta={beta}, similarity={self.similarity!r}"
         )
+
+
+class AdaPool2dPhase(ModulePhaseOp):
+    """An :class:`AdaPool2d` at any phase of its stride (scalar or per-position ``beta``): both stride-1 halves,
+    sliced, then blended."""
+
+    kind = "ada_pool"
+
+    def at_phase(self, phase: Phase, x: Tensor) -> Tensor:
+        m = self.module
+        out = pool_out(m, x)
+        edscw1 = edscw_pool2d(x, m.kernel_size, 1, m.padding, False, similarity=m.similarity)
+        edscw = subsample_at(edscw1, self.factor, phase, out)
+        soft = subsample_at(soft_pool2d(x, m.kernel_size, 1, m.padding, False), self.factor, phase, out)
+        beta = m.beta.to(dtype=x.dtype)
+        return beta * edscw + (1 - beta) * soft
+
+
+register_layer("adapool", swap_rule=pooling_rule(AdaPool2d, "adapool"), phase_op=AdaPool2dPhase)(AdaPool2d)

@@ -22,16 +22,34 @@ data edge to every branch of a block (what :func:`polyglean.swap` does for multi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from polyglean.layers._registry import register_layer
 from polyglean.layers._utils import check_input, ntuple
+from polyglean.layers.phase_ops import register_phase_op
+from polyglean.layers.rules import (
+    Rewrite,
+    SiteSwapContext,
+    SwapContext,
+    SwapSequential,
+    conv_stride1,
+    free_path,
+    is_conv,
+    is_pool,
+    pool_stride1,
+    set_submodule,
+)
+from polyglean.phase.functional import Phase, sliced_dims
+from polyglean.sites.conv import Conv2dPhase
+from polyglean.sites.ops import ModulePhaseOp, PhaseOp, PhaseValue
+from polyglean.sites.pool import AvgPool2dPhase, MaxPool2dPhase
+from polyglean.sites.slicing import SlicePhase
 
-__all__ = ["APS2d", "APSIndex2d", "NORMS", "PAD_MODES", "aps_gather2d", "aps_index2d", "aps_select2d",
+__all__ = ["APS2d", "APS2dPhase", "APSIndex2d", "NORMS", "PAD_MODES", "aps_gather2d", "aps_index2d", "aps_select2d",
            "polyphase_components2d"]
 
 #: Accepted norm orders ``p`` (``"inf"`` is an alias of ``math.inf``).
@@ -197,7 +215,6 @@ def aps_gather2d(x: Tensor, index: Tensor, stride: int | Sequence[int] = 2, pad_
     return comps[torch.arange(comps.shape[0], device=x.device), index.to(device=x.device, dtype=torch.long)]
 
 
-@register_layer("aps")
 class APS2d(nn.Module):
     """Adaptive polyphase sampling, a Module over :func:`aps_select2d` / :func:`aps_gather2d`.
 
@@ -279,3 +296,148 @@ class APSIndex2d(nn.Module):
     def extra_repr(self) -> str:
         p = "inf" if math.isinf(self.p) else int(self.p)
         return f"stride={self.stride}, p={p}, pad_mode={self.pad_mode!r}"
+
+
+# ------------------------------------------------------------------------------------------- phases and surgery
+class APS2dPhase(ModulePhaseOp):
+    """An :class:`APS2d` at any phase relative to the component it chooses (or is given) per image.
+
+    Per-image phases are applied in one pass (the offsets are per image anyway), so a call with ``index`` keeps its
+    batch intact; ``return_index=True`` runs only at the default phase.
+    """
+
+    kind = "aps"
+
+    def forward(self, x: Tensor, index: Tensor | None = None, return_index: bool = False, *,
+                phase: PhaseValue = None) -> Tensor | tuple[Tensor, Tensor]:
+        flat = self._flat_phases(phase, x)
+        if flat is None:
+            return self.module(x, index=index, return_index=return_index)
+        if return_index:
+            raise NotImplementedError(
+                f"APS2d at '{self.name}' is called with return_index=True; only aps(x) and aps(x, index=...) run "
+                "at other phases (swap() passes the index from an APSIndex2d instead)"
+            )
+        return self.shifted(x, flat, index)
+
+    def at_phase(self, phase: Phase, x: Tensor, index: Tensor | None = None) -> Tensor:
+        dy, dx = phase
+        flat = torch.full((x.shape[0],), dy * self.factor[1] + dx, dtype=torch.long, device=x.device)
+        return self.shifted(x, flat, index)
+
+    def _flat_phases(self, phase: PhaseValue, x: Tensor) -> Tensor | None:
+        """``phase`` as ``(N,)`` flat indices, or ``None`` when every image keeps phase 0."""
+        if phase is None:
+            return None
+        flat = (torch.full((x.shape[0],), phase, dtype=torch.long, device=x.device) if isinstance(phase, int)
+                else phase.to(device=x.device, dtype=torch.long))
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo < 0 or hi >= self.num_phases:
+            raise ValueError(
+                f"phase index {lo if lo < 0 else hi} out of range for factor {self.factor} at op '{self.name}' "
+                f"(expected 0 <= p < {self.num_phases})"
+            )
+        return None if hi == 0 else flat
+
+    def shifted(self, x: Tensor, flat: Tensor, index: Tensor | None = None) -> Tensor:
+        """Per image ``n``, the grid ``x[n, :, i * R_h + a_n + dy_n, j * R_w + b_n + dx_n]``, zero past the map.
+
+        ``(a_n, b_n)`` is the component APS chooses (or ``index[n]``), ``(dy_n, dx_n)`` the phase ``flat[n]``.
+
+        Shape:
+            - x: ``(N, C, H, W)``
+            - flat, index: ``(N,)``
+            - output: ``(N, C, ceil(H / R_h), ceil(W / R_w))``
+        """
+        m = self.module
+        sh, sw = self.factor
+        chosen = aps_index2d(x, m.stride, m.p, m.pad_mode) if index is None else index.to(x.device).long()
+        comps = polyphase_components2d(x, m.stride, m.pad_mode)
+        n, _, c, oh, ow = comps.shape
+        # Undo the polyphase split: the input as APS extended it, (N, C, oh * sh, ow * sw).
+        ext = comps.reshape(n, sh, sw, c, oh, ow).permute(0, 3, 4, 1, 5, 2).reshape(n, c, oh * sh, ow * sw)
+        ext = F.pad(ext, (0, sw, 0, sh))  # room for offsets up to 2R - 2; positions past the map are zero
+        offsets = torch.stack([chosen // sw + flat // sw, chosen % sw + flat % sw], dim=1)
+        out = ext.new_empty((n, c, oh, ow))
+        for oy, ox in torch.unique(offsets, dim=0).tolist():
+            idx = ((offsets[:, 0] == oy) & (offsets[:, 1] == ox)).nonzero().squeeze(1)
+            out.index_copy_(0, idx, ext.index_select(0, idx)[..., oy::sh, ox::sw][..., :oh, :ow])
+        return out
+
+
+def _aps_rule(ctx: SwapContext) -> Rewrite | None:
+    name, m = ctx.op.name, ctx.op.module
+    if is_conv(ctx):
+        return Rewrite({name: SwapSequential(conv_stride1(m), APS2d(ctx.stride, **ctx.kwargs), kept=0)}, name)
+    if is_pool(ctx):
+        return Rewrite({name: SwapSequential(pool_stride1(m), APS2d(ctx.stride, **ctx.kwargs), kept=None)}, name)
+    return None
+
+
+def _stride1_module(ctx: SiteSwapContext, node: fx.Node, op: PhaseOp) -> None:
+    """Makes a strided conv/pool module node compute its stride-1 map (same weights, same path)."""
+    gm = ctx.graph_module
+    module = gm.get_submodule(str(node.target))
+    if isinstance(module, nn.Conv2d):
+        conv_stride1(module)
+    else:
+        set_submodule(gm, str(node.target), pool_stride1(module))
+
+
+def _stride1_slice(ctx: SiteSwapContext, node: fx.Node, op: PhaseOp) -> None:
+    """Makes a strided slice ``x[..., ::R_h, ::R_w]`` unstrided (the identity on its range)."""
+    x, index = node.args
+    strided = sliced_dims(index, len(ctx.in_shapes[op.name]))
+    if op.dims != (-2, -1) or any(sl.start not in (None, 0) or sl.stop is not None for _, _, sl in strided):
+        raise NotImplementedError(
+            f"APS at slicing op '{op.name}': only x[..., ::R_h, ::R_w] over the last two dimensions is rewritten, "
+            f"got index {index!r}"
+        )
+    items = index if isinstance(index, tuple) else (index,)
+    node.args = (x, tuple(slice(it.start, it.stop) if isinstance(it, slice) else it for it in items))
+
+
+_STRIDE1: dict[type[PhaseOp], Callable[[SiteSwapContext, fx.Node, PhaseOp], None]] = {
+    Conv2dPhase: _stride1_module,
+    MaxPool2dPhase: _stride1_module,
+    AvgPool2dPhase: _stride1_module,
+    SlicePhase: _stride1_slice,
+}
+"""Op class -> how to make its node compute the op's stride-1 map instead, for the APS site rule."""
+
+
+def _aps_site_rule(ctx: SiteSwapContext) -> dict[str, tuple[int, ...]]:
+    gm, graph, site = ctx.graph_module, ctx.graph_module.graph, ctx.site
+    for op in ctx.ops:
+        if type(op) not in _STRIDE1:
+            raise NotImplementedError(
+                f"APS at site '{site.name}': op '{op.name}' ({op.kind}, {type(op).__name__}) has no stride-1 "
+                "rewrite; supported in sites of several ops: nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d and strided "
+                "slicing x[..., ::R_h, ::R_w]"
+            )
+    prefix = f"{site.name}."
+    block = site.name if all(name.startswith(prefix) for name in site.ops) else ""
+    aps_kwargs = dict(ctx.kwargs)
+    index_path = free_path(gm, block, "aps_index")
+    gm.add_submodule(index_path, APSIndex2d(site.factor, **aps_kwargs))
+    checked: dict[str, tuple[int, ...]] = {}
+    index_node: fx.Node | None = None
+    for full, op in zip(ctx.nodes, ctx.ops):
+        _STRIDE1[type(op)](ctx, full, op)
+        relative = op.name[len(prefix):] if block else op.name
+        gather_path = free_path(gm, block, relative.replace(".", "_") + "_aps")
+        gm.add_submodule(gather_path, APS2d(site.factor, **aps_kwargs))
+        after = full
+        if index_node is None:  # the main branch (first op in graph order) chooses the component
+            with graph.inserting_after(full):
+                index_node = graph.call_module(index_path, (full,))
+            after = index_node
+        with graph.inserting_after(after):
+            gathered = graph.call_module(gather_path, (full,), {"index": index_node})
+        full.replace_all_uses_with(gathered, delete_user_cb=lambda user: user not in (gathered, index_node))
+        checked[gather_path] = ctx.out_shapes[op.name]
+    return checked
+
+
+register_phase_op(APSIndex2d, None)  # a leaf of the trace that never subsamples
+register_layer("aps", swap_rule=_aps_rule, site_rule=_aps_site_rule, phase_op=APS2dPhase)(APS2d)

@@ -16,14 +16,31 @@ is evaluated only at the kept positions ``(i * s, j * s)`` — which equals filt
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polyglean.layers._registry import register_layer
 from polyglean.layers._utils import check_input
+from polyglean.layers.phase_ops import subsample_at
+from polyglean.layers.rules import (
+    Rewrite,
+    SwapContext,
+    SwapSequential,
+    conv_stride1,
+    is_conv,
+    is_pool,
+    is_same_conv,
+    pool_stride1,
+    square_stride,
+)
+from polyglean.phase.functional import Phase
+from polyglean.sites.ops import ModulePhaseOp
 
-__all__ = ["PASA2d", "pasa2d", "pasa_weights"]
+__all__ = ["PASA2d", "PASA2dPhase", "pasa2d", "pasa_weights"]
 
 
 def _check_int(value: object, name: str, minimum: int = 1) -> int:
@@ -121,7 +138,6 @@ def pasa2d(x: Tensor, logits: Tensor, kernel_size: int = 3, stride: int = 2) -> 
     return out.reshape(n, c, out_h, out_w)
 
 
-@register_layer("pasa")
 class PASA2d(nn.Module):
     """Pixel-adaptive spatial anti-aliasing, a Module over :func:`pasa2d`.
 
@@ -171,3 +187,40 @@ class PASA2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, kernel_size={self.kernel_size}, stride={self.stride}, groups={self.groups}"
+
+
+class PASA2dPhase(ModulePhaseOp):
+    """A :class:`PASA2d` at any phase of its stride."""
+
+    kind = "pasa"
+
+    def at_phase(self, phase: Phase, x: Tensor) -> Tensor:
+        m = self.module
+        y1 = pasa2d(x, m.logits(x), m.kernel_size, 1)
+        s = m.stride
+        out = (-(-x.shape[-2] // s), -(-x.shape[-1] // s))
+        return subsample_at(y1, self.factor, phase, out)
+
+
+def _pasa(channels: int, stride: int, kwargs: dict[str, Any]) -> PASA2d:
+    """PASA2d with ``groups`` (default 2) reduced to a divisor of ``channels`` (e.g. 1 for an RGB stem)."""
+    kwargs = dict(kwargs)
+    groups = math.gcd(int(kwargs.pop("groups", 2)), channels)
+    return PASA2d(channels, stride=stride, groups=groups, **kwargs)
+
+
+def _pasa_rule(ctx: SwapContext) -> Rewrite | None:
+    name, m = ctx.op.name, ctx.op.module
+    s = square_stride(ctx, "PASA2d")
+    if is_conv(ctx):
+        if is_same_conv(m):  # Zou et al.: the adaptive low-pass before subsampling, then the conv at stride 1
+            return Rewrite({name: SwapSequential(_pasa(m.in_channels, s, ctx.kwargs), conv_stride1(m), kept=1)},
+                           name)
+        return Rewrite({name: SwapSequential(conv_stride1(m), _pasa(m.out_channels, s, ctx.kwargs), kept=0)}, name)
+    if is_pool(ctx):
+        return Rewrite({name: SwapSequential(pool_stride1(m), _pasa(ctx.channels, s, ctx.kwargs), kept=None)},
+                       name)
+    return None
+
+
+register_layer("pasa", swap_rule=_pasa_rule, phase_op=PASA2dPhase)(PASA2d)

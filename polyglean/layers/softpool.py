@@ -23,9 +23,14 @@ from torch import Tensor, nn
 
 from polyglean.layers._registry import register_layer
 from polyglean.layers._utils import check_input, ntuple, pool_windows
+from polyglean.layers.phase_ops import pool_out, subsample_at
+from polyglean.layers.rules import pooling_rule
+from polyglean.phase.functional import Phase
+from polyglean.sites.ops import ModulePhaseOp
 
 __all__ = [
     "SoftPool1d",
+    "SoftPool2dPhase",
     "SoftPool2d",
     "SoftPool3d",
     "soft_pool1d",
@@ -184,7 +189,6 @@ class SoftPool1d(_SoftPoolNd):
     dims = 1
 
 
-@register_layer("softpool")
 class SoftPool2d(_SoftPoolNd):
     """2-D SoftPool, a Module over :func:`soft_pool2d`.
 
@@ -221,3 +225,17 @@ class SoftPool3d(_SoftPoolNd):
     """
 
     dims = 3
+
+
+class SoftPool2dPhase(ModulePhaseOp):
+    """A :class:`SoftPool2d` at any phase of its stride: the stride-1 SoftPool, sliced."""
+
+    kind = "soft_pool"
+
+    def at_phase(self, phase: Phase, x: Tensor) -> Tensor:
+        m = self.module
+        y1 = soft_pool2d(x, m.kernel_size, 1, m.padding, False)
+        return subsample_at(y1, self.factor, phase, pool_out(m, x))
+
+
+register_layer("softpool", swap_rule=pooling_rule(SoftPool2d, "softpool"), phase_op=SoftPool2dPhase)(SoftPool2d)

@@ -1,7 +1,8 @@
 """Layer surgery: replace a model's subsampling ops by BlurPool, SoftPool, adaPool, PASA or APS.
 
 :func:`swap` finds the subsampling sites with the same discovery as ``PhaseNet`` (:func:`polyglean.sites.discover`)
-and rewrites every *module* op of every site by the rule registered for the layer (:data:`SWAP_RULES`):
+and rewrites every *module* op of every site by the rule registered for the layer (:data:`SWAP_RULES`; each rule
+lives in its layer's module, see :mod:`polyglean.layers.rules`):
 
 ``blurpool`` (Zhang 2019)
     ``MaxPool(k, s)`` -> ``MaxPool(k, 1) + BlurPool(s)``; ``AvgPool(s, s)`` -> ``BlurPool(s)`` (else
@@ -42,394 +43,51 @@ stay as they are, except under a site rule (APS); :func:`swap` logs a warning na
 modified.
 
 Example:
-    >>> import torchvision  # doctest: +SKIP
-    >>> model = torchvision.models.resnet18()  # doctest: +SKIP
-    >>> aa = swap(model, "blurpool", input_size=(3, 64, 64), filter_size=3)  # doctest: +SKIP
-    >>> key_map = swap_key_map(aa)  # doctest: +SKIP
-    >>> aa.load_state_dict({key_map.get(k, k): v for k, v in model.state_dict().items()})  # doctest: +SKIP
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    >>> aa = swap(model, "blurpool", input_size=(3, 32, 32), filter_size=3)
+    >>> aa[0].stride, aa[2]  # Conv(s) + BN + ReLU -> Conv(1) + BN + ReLU + BlurPool(s)
+    ((1, 1), SwapSequential(
+      kept=0
+      (0): ReLU()
+      (1): BlurPool2d(channels=8, filter_size=3, stride=(2, 2), pad_type='reflect')
+    ))
+    >>> key_map = swap_key_map(aa)  # no kept weight moved here: the conv keeps its place
+    >>> aa.load_state_dict({key_map.get(k, k): v for k, v in model.state_dict().items()})
+    <All keys matched successfully>
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
 
-from polyglean.layers import phase_ops  # noqa: F401  (registers the op kinds of the layers)
-from polyglean.layers._registry import list_layers
-from polyglean.layers.adapool import AdaPool2d
-from polyglean.layers.aps import APS2d, APSIndex2d
-from polyglean.layers.blurpool import BlurPool2d
-from polyglean.layers.pasa import PASA2d
-from polyglean.layers.softpool import SoftPool2d
-from polyglean.sites import Site, discover
-from polyglean.phase.functional import sliced_dims
-from polyglean.sites.conv import Conv2dPhase
+from polyglean.layers._registry import (
+    SITE_RULES,
+    SWAP_RULES,
+    list_layers,
+    register_site_rule,
+    register_swap_rule,
+)
+from polyglean.layers.rules import (
+    Rewrite,
+    SiteSwapContext,
+    SwapContext,
+    SwapSequential,
+    set_submodule,
+)
+from polyglean.errors import ArgumentError
+from polyglean.sites import discover
 from polyglean.sites.ops import ModulePhaseOp, PhaseOp
-from polyglean.sites.pool import AvgPool2dPhase, MaxPool2dPhase
-from polyglean.sites.slicing import SlicePhase
 
 __all__ = ["SITE_RULES", "SWAP_RULES", "SwapSequential", "register_site_rule", "register_swap_rule", "swap",
            "swap_key_map"]
 
 logger = logging.getLogger(__name__)
-
-
-class SwapSequential(nn.Sequential):
-    """An ``nn.Sequential`` made by :func:`swap`; ``kept`` is the index of the child that is the original module.
-
-    Args:
-        *modules: The children, in order.
-        kept: Index of the child that replaces the original module (its weights), or ``None`` if none does.
-    """
-
-    def __init__(self, *modules: nn.Module, kept: int | None = None) -> None:
-        super().__init__(*modules)
-        if kept is not None and not 0 <= kept < len(modules):
-            raise ValueError(f"kept={kept} is not the index of one of the {len(modules)} children")
-        self.kept = kept
-
-    def extra_repr(self) -> str:
-        return f"kept={self.kept}"
-
-
-@dataclass
-class Rewrite:
-    """What one rule does to one op: modules to put at paths, and the path whose output size must not change."""
-
-    modules: dict[str, nn.Module] = field(default_factory=dict)
-    checked: str = ""
-
-
-@dataclass(frozen=True)
-class SwapContext:
-    """Everything a swap rule may look at for one module op.
-
-    Attributes:
-        op: The op (a module op; ``op.module`` is the model copy's module, ``op.name`` its path).
-        site: The site the op belongs to.
-        node: The op's node in ``graph_module``.
-        graph_module: The traced model copy.
-        in_shape: Shape of the op's input on the example batch.
-        out_shape: Shape of its output.
-        kwargs: The layer arguments given to :func:`swap`.
-    """
-
-    op: ModulePhaseOp
-    site: Site
-    node: fx.Node
-    graph_module: fx.GraphModule
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    kwargs: dict[str, Any]
-
-    @property
-    def stride(self) -> tuple[int, int]:
-        return self.op.factor
-
-    @property
-    def channels(self) -> int:
-        return int(self.in_shape[1])
-
-
-SwapRule = Callable[[SwapContext], "Rewrite | None"]
-SWAP_RULES: dict[str, SwapRule] = {}
-"""Layer name -> rule; a rule returns a :class:`Rewrite`, or ``None`` to leave the op unchanged."""
-
-
-def register_swap_rule(name: str) -> Callable[[SwapRule], SwapRule]:
-    """Decorator registering the swap rule of layer ``name``; a duplicate name is an error."""
-
-    def add(rule: SwapRule) -> SwapRule:
-        if name in SWAP_RULES:
-            raise ValueError(f"a swap rule for layer {name!r} is already registered")
-        SWAP_RULES[name] = rule
-        return rule
-
-    return add
-
-
-@dataclass(frozen=True)
-class SiteSwapContext:
-    """Everything a site rule may look at for one site of several ops.
-
-    Attributes:
-        site: The site.
-        nodes: The nodes of its ops in ``graph_module``, in graph order (the first is the main branch's).
-        ops: Their ops, in the same order.
-        graph_module: The traced model copy; a site rule rewrites its graph and modules in place.
-        in_shapes: Shape of each op's input on the example batch, by op name.
-        out_shapes: Shape of each op's output, by op name.
-        kwargs: The layer arguments given to :func:`swap`.
-    """
-
-    site: Site
-    nodes: tuple[fx.Node, ...]
-    ops: tuple[PhaseOp, ...]
-    graph_module: fx.GraphModule
-    in_shapes: dict[str, tuple[int, ...]]
-    out_shapes: dict[str, tuple[int, ...]]
-    kwargs: dict[str, Any]
-
-
-SiteRule = Callable[[SiteSwapContext], dict[str, tuple[int, ...]]]
-SITE_RULES: dict[str, SiteRule] = {}
-"""Layer name -> rule for sites of several ops (which must agree); it rewrites the graph and returns the paths
-whose output shapes must not change, with those shapes. Layers without one are swapped op by op."""
-
-
-def register_site_rule(name: str) -> Callable[[SiteRule], SiteRule]:
-    """Decorator registering the site rule of layer ``name``; a duplicate name is an error."""
-
-    def add(rule: SiteRule) -> SiteRule:
-        if name in SITE_RULES:
-            raise ValueError(f"a site rule for layer {name!r} is already registered")
-        SITE_RULES[name] = rule
-        return rule
-
-    return add
-
-
-# ------------------------------------------------------------------------------------------------------ helpers
-_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
-
-
-def _is_conv(ctx: SwapContext) -> bool:
-    return isinstance(ctx.op.module, nn.Conv2d)
-
-
-def _is_pool(ctx: SwapContext) -> bool:
-    return type(ctx.op.module) in _POOLS
-
-
-def _conv_stride1(conv: nn.Module) -> nn.Module:
-    """The conv itself (of the model copy) with stride 1: same weights, same parameter names."""
-    conv.stride = (1, 1)
-    return conv
-
-
-def _pool_stride1(pool: nn.Module) -> nn.Module:
-    if isinstance(pool, nn.MaxPool2d):
-        return nn.MaxPool2d(pool.kernel_size, 1, pool.padding, pool.dilation)
-    return nn.AvgPool2d(pool.kernel_size, 1, pool.padding, False, pool.count_include_pad, pool.divisor_override)
-
-
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
-def _is_same_conv(conv: nn.Conv2d) -> bool:
-    if isinstance(conv.padding, str):
-        return False
-    k, p, d = _pair(conv.kernel_size), _pair(conv.padding), _pair(conv.dilation)
-    return all(2 * p[i] == d[i] * (k[i] - 1) for i in (0, 1))
-
-
-def _square_stride(ctx: SwapContext, layer: str) -> int:
-    sh, sw = ctx.stride
-    if sh != sw:
-        raise ValueError(f"{layer} needs a square stride, but op '{ctx.op.name}' has stride {ctx.stride}")
-    return sh
-
-
-def _users(node: fx.Node) -> list[fx.Node]:
-    return list(node.users)
-
-
-def _following_relu(ctx: SwapContext) -> str | None:
-    """Path of the ReLU module that follows the conv as ``conv -> [BatchNorm2d] -> ReLU`` with single users.
-
-    Only a ReLU module called once in the whole graph qualifies (wrapping a shared ReLU would blur its other
-    calls too).
-    """
-    gm, node = ctx.graph_module, ctx.node
-    for _ in range(2):
-        users = _users(node)
-        if len(users) != 1 or users[0].op != "call_module":
-            return None
-        node = users[0]
-        module = gm.get_submodule(str(node.target))
-        if isinstance(module, nn.ReLU):
-            calls = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target)
-            return str(node.target) if calls == 1 else None
-        if not isinstance(module, nn.BatchNorm2d):
-            return None
-    return None
-
-
-def _pool_kwargs(ctx: SwapContext, layer: str) -> dict[str, Any]:
-    m = ctx.op.module
-    if isinstance(m, nn.MaxPool2d) and _pair(m.dilation) != (1, 1):
-        raise ValueError(f"{layer} has no dilation, but max pooling '{ctx.op.name}' has dilation {m.dilation}")
-    return {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding, "ceil_mode": m.ceil_mode}
-
-
-# -------------------------------------------------------------------------------------------------------- rules
-@register_swap_rule("blurpool")
-def _blurpool_rule(ctx: SwapContext) -> Rewrite | None:
-    name, m, s = ctx.op.name, ctx.op.module, ctx.stride
-
-    def blur(channels: int) -> BlurPool2d:
-        return BlurPool2d(channels, stride=s, **ctx.kwargs)
-
-    if _is_conv(ctx):
-        if _pair(m.kernel_size) == (1, 1) and _pair(m.padding) == (0, 0):  # shortcut: blur, then the 1x1 conv
-            return Rewrite({name: SwapSequential(blur(m.in_channels), _conv_stride1(m), kept=1)}, name)
-        relu = _following_relu(ctx)
-        if relu is not None:  # Zhang: Conv(s) + ReLU -> Conv(1) + ReLU + BlurPool(s)
-            wrapped = SwapSequential(ctx.graph_module.get_submodule(relu), blur(m.out_channels), kept=0)
-            return Rewrite({name: _conv_stride1(m), relu: wrapped}, relu)
-        return Rewrite({name: SwapSequential(_conv_stride1(m), blur(m.out_channels), kept=0)}, name)
-    if isinstance(m, nn.AvgPool2d):
-        k, p = _pair(m.kernel_size), _pair(m.padding)
-        direct = tuple(-(-size // r) for size, r in zip(ctx.in_shape[-2:], s))
-        if k == s and p == (0, 0) and direct == tuple(ctx.out_shape[-2:]):  # Zhang: AvgPool(s) -> BlurPool(s)
-            return Rewrite({name: blur(ctx.channels)}, name)
-    if _is_pool(ctx):
-        return Rewrite({name: SwapSequential(_pool_stride1(m), blur(ctx.channels), kept=None)}, name)
-    return None
-
-
-def _pooling_rule(layer_cls: type[nn.Module], layer: str) -> SwapRule:
-    def rule(ctx: SwapContext) -> Rewrite | None:
-        kwargs = dict(ctx.kwargs)
-        convs = bool(kwargs.pop("convs", False))
-        name, m = ctx.op.name, ctx.op.module
-        if convs and _is_conv(ctx):  # opt-in: Conv(s) -> Conv(1) + Pool(s, s)
-            pool = layer_cls(kernel_size=ctx.stride, stride=ctx.stride, ceil_mode=True, **kwargs)
-            return Rewrite({name: SwapSequential(_conv_stride1(m), pool, kept=0)}, name)
-        if not _is_pool(ctx):
-            return None  # strided convs stay: the paper replaces pooling layers only
-        return Rewrite({name: layer_cls(**_pool_kwargs(ctx, layer), **kwargs)}, name)
-
-    return rule
-
-
-register_swap_rule("softpool")(_pooling_rule(SoftPool2d, "softpool"))
-register_swap_rule("adapool")(_pooling_rule(AdaPool2d, "adapool"))
-
-
-def _pasa(channels: int, stride: int, kwargs: dict[str, Any]) -> PASA2d:
-    """PASA2d with ``groups`` (default 2) reduced to a divisor of ``channels`` (e.g. 1 for an RGB stem)."""
-    kwargs = dict(kwargs)
-    groups = math.gcd(int(kwargs.pop("groups", 2)), channels)
-    return PASA2d(channels, stride=stride, groups=groups, **kwargs)
-
-
-@register_swap_rule("pasa")
-def _pasa_rule(ctx: SwapContext) -> Rewrite | None:
-    name, m = ctx.op.name, ctx.op.module
-    s = _square_stride(ctx, "PASA2d")
-    if _is_conv(ctx):
-        if _is_same_conv(m):  # Zou et al.: the adaptive low-pass before subsampling, then the conv at stride 1
-            return Rewrite({name: SwapSequential(_pasa(m.in_channels, s, ctx.kwargs), _conv_stride1(m), kept=1)},
-                           name)
-        return Rewrite({name: SwapSequential(_conv_stride1(m), _pasa(m.out_channels, s, ctx.kwargs), kept=0)}, name)
-    if _is_pool(ctx):
-        return Rewrite({name: SwapSequential(_pool_stride1(m), _pasa(ctx.channels, s, ctx.kwargs), kept=None)},
-                       name)
-    return None
-
-
-@register_swap_rule("aps")
-def _aps_rule(ctx: SwapContext) -> Rewrite | None:
-    name, m = ctx.op.name, ctx.op.module
-    if _is_conv(ctx):
-        return Rewrite({name: SwapSequential(_conv_stride1(m), APS2d(ctx.stride, **ctx.kwargs), kept=0)}, name)
-    if _is_pool(ctx):
-        return Rewrite({name: SwapSequential(_pool_stride1(m), APS2d(ctx.stride, **ctx.kwargs), kept=None)}, name)
-    return None
-
-
-def _stride1_module(ctx: SiteSwapContext, node: fx.Node, op: PhaseOp) -> None:
-    """Makes a strided conv/pool module node compute its stride-1 map (same weights, same path)."""
-    gm = ctx.graph_module
-    module = gm.get_submodule(str(node.target))
-    if isinstance(module, nn.Conv2d):
-        _conv_stride1(module)
-    else:
-        _set_submodule(gm, str(node.target), _pool_stride1(module))
-
-
-def _stride1_slice(ctx: SiteSwapContext, node: fx.Node, op: PhaseOp) -> None:
-    """Makes a strided slice ``x[..., ::R_h, ::R_w]`` unstrided (the identity on its range)."""
-    x, index = node.args
-    strided = sliced_dims(index, len(ctx.in_shapes[op.name]))
-    if op.dims != (-2, -1) or any(sl.start not in (None, 0) or sl.stop is not None for _, _, sl in strided):
-        raise NotImplementedError(
-            f"APS at slicing op '{op.name}': only x[..., ::R_h, ::R_w] over the last two dimensions is rewritten, "
-            f"got index {index!r}"
-        )
-    items = index if isinstance(index, tuple) else (index,)
-    node.args = (x, tuple(slice(it.start, it.stop) if isinstance(it, slice) else it for it in items))
-
-
-_STRIDE1: dict[type[PhaseOp], Callable[[SiteSwapContext, fx.Node, PhaseOp], None]] = {
-    Conv2dPhase: _stride1_module,
-    MaxPool2dPhase: _stride1_module,
-    AvgPool2dPhase: _stride1_module,
-    SlicePhase: _stride1_slice,
-}
-"""Op class -> how to make its node compute the op's stride-1 map instead, for the APS site rule."""
-
-
-def _free_path(gm: fx.GraphModule, block: str, name: str) -> str:
-    """``block.name`` (or ``name`` at the root), with a numeric suffix if that attribute exists already."""
-    try:
-        parent: nn.Module | None = gm.get_submodule(block) if block else gm
-    except AttributeError:  # a block of functional ops only: add_submodule creates it
-        parent = None
-    candidate, k = name, 1
-    while parent is not None and hasattr(parent, candidate):
-        candidate, k = f"{name}_{k}", k + 1
-    return f"{block}.{candidate}" if block else candidate
-
-
-@register_site_rule("aps")
-def _aps_site_rule(ctx: SiteSwapContext) -> dict[str, tuple[int, ...]]:
-    gm, graph, site = ctx.graph_module, ctx.graph_module.graph, ctx.site
-    for op in ctx.ops:
-        if type(op) not in _STRIDE1:
-            raise NotImplementedError(
-                f"APS at site '{site.name}': op '{op.name}' ({op.kind}, {type(op).__name__}) has no stride-1 "
-                "rewrite; supported in sites of several ops: nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d and strided "
-                "slicing x[..., ::R_h, ::R_w]"
-            )
-    prefix = f"{site.name}."
-    block = site.name if all(name.startswith(prefix) for name in site.ops) else ""
-    aps_kwargs = dict(ctx.kwargs)
-    index_path = _free_path(gm, block, "aps_index")
-    gm.add_submodule(index_path, APSIndex2d(site.factor, **aps_kwargs))
-    checked: dict[str, tuple[int, ...]] = {}
-    index_node: fx.Node | None = None
-    for full, op in zip(ctx.nodes, ctx.ops):
-        _STRIDE1[type(op)](ctx, full, op)
-        relative = op.name[len(prefix):] if block else op.name
-        gather_path = _free_path(gm, block, relative.replace(".", "_") + "_aps")
-        gm.add_submodule(gather_path, APS2d(site.factor, **aps_kwargs))
-        after = full
-        if index_node is None:  # the main branch (first op in graph order) chooses the component
-            with graph.inserting_after(full):
-                index_node = graph.call_module(index_path, (full,))
-            after = index_node
-        with graph.inserting_after(after):
-            gathered = graph.call_module(gather_path, (full,), {"index": index_node})
-        full.replace_all_uses_with(gathered, delete_user_cb=lambda user: user not in (gathered, index_node))
-        checked[gather_path] = ctx.out_shapes[op.name]
-    return checked
-
-
-# ---------------------------------------------------------------------------------------------------- surgery
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, child, module)
 
 
 def _output_shapes(model: nn.Module, paths: Sequence[str], example: Tensor) -> dict[str, tuple[int, ...]]:
@@ -479,7 +137,7 @@ def swap(model: nn.Module, layer: str, *, input_size: Sequence[int] = (3, 224, 2
     """
     if layer not in SWAP_RULES:
         known = ", ".join(repr(n) for n in list_layers() if n in SWAP_RULES)
-        raise ValueError(f"unknown layer {layer!r} for swap; known layers: {known}")
+        raise ArgumentError(f"unknown layer {layer!r} for swap; known layers: {known}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     rule = SWAP_RULES[layer]
@@ -495,7 +153,7 @@ def swap(model: nn.Module, layer: str, *, input_size: Sequence[int] = (3, 224, 2
     gm = found.graph_module
     out_shapes = {str(n.target): found.info[n].shape for n in gm.graph.nodes
                   if n.op == "call_module" and n in found.info}
-    site_rule = SITE_RULES.get(layer)
+    site_rule = SITE_RULES.get(layer) if layer in SITE_RULES else None
     by_site: dict[int, list[tuple[fx.Node, PhaseOp]]] = {}
     for node, (op, index) in found.ops.items():
         by_site.setdefault(index, []).append((node, op))
@@ -540,7 +198,7 @@ def swap(model: nn.Module, layer: str, *, input_size: Sequence[int] = (3, 224, 2
         for path, module in rewrite.modules.items():
             if ref is not None:
                 module.to(device=ref.device, dtype=ref.dtype)
-            _set_submodule(swapped, path, module)
+            set_submodule(swapped, path, module)
     swapped.train(model.training)
     _check_sizes(swapped, layer, expected, input_size)
     return swapped
@@ -580,8 +238,13 @@ def swap_key_map(swapped: nn.Module) -> dict[str, str]:
     ``path.name`` to ``path.kept.name``; keys not in the map are unchanged.
 
     Example:
-        >>> key_map = swap_key_map(swapped)  # doctest: +SKIP
-        >>> swapped.load_state_dict({key_map.get(k, k): v for k, v in original.state_dict().items()})  # doctest: +SKIP
+        >>> original = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1))  # no ReLU: the blur follows the conv
+        >>> swapped = swap(original, "blurpool", input_size=(3, 16, 16))
+        >>> key_map = swap_key_map(swapped)
+        >>> key_map
+        {'0.weight': '0.0.weight', '0.bias': '0.0.bias'}
+        >>> swapped.load_state_dict({key_map.get(k, k): v for k, v in original.state_dict().items()})
+        <All keys matched successfully>
     """
     key_map: dict[str, str] = {}
     for path, module in swapped.named_modules():

@@ -28,7 +28,9 @@ def test_shipped_and_loadable(preset: str) -> None:
 @pytest.mark.parametrize("preset", SHIPPED)
 def test_made_for_the_preset_weights(shared_data: Path, preset: str) -> None:
     model, _ = load_model(preset)
-    load_aggregator(shipped_aggregator(preset), model=preset, fingerprint=model_fingerprint(model))
+    fingerprint = model_fingerprint(model)
+    module = load_aggregator(shipped_aggregator(preset), model=preset, fingerprint=fingerprint)  # else it raises
+    assert module.meta["model_sha256"] == fingerprint
 
 
 @pytest.mark.data

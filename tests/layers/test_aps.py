@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from polyglean.layers import APS2d, aps_gather2d, aps_select2d
 from polyglean.layers.aps import polyphase_components2d
+from tests.layers.battery import LayerBattery, LayerCase
 
 SETTINGS = settings(max_examples=30, deadline=None, database=None, derandomize=True)
 
@@ -65,7 +66,7 @@ def _random(shape, seed: int) -> torch.Tensor:
 
 
 class TestAPS2d:
-    def test_smoke(self):
+    def test_index_shape_and_dtype(self):
         y, index = aps_select2d(torch.randn(3, 4, 8, 8))
         assert y.shape == (3, 4, 4, 4) and index.shape == (3,) and index.dtype == torch.long
 
@@ -151,16 +152,11 @@ class TestAPS2d:
         x3 = _random((1, 1, 5, 3), seed=6).requires_grad_(True)  # odd size, circular wrap
         assert torch.autograd.gradcheck(lambda t: aps_gather2d(t, torch.tensor([3]), 2), (x3,))
 
-    def test_noncontiguous(self):
+    def test_noncontiguous_index(self):  # the battery compares the outputs; the chosen index must agree too
         x = _random((2, 3, 7, 6), seed=7).transpose(-1, -2)
         y, index = aps_select2d(x, 2)
         y2, index2 = aps_select2d(x.contiguous(), 2)
         assert torch.equal(y, y2) and torch.equal(index, index2)
-
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-    def test_dtype(self, dtype):
-        y, index = aps_select2d(torch.randn(2, 3, 5, 5, dtype=dtype), 2)
-        assert y.dtype == dtype and y.shape == (2, 3, 3, 3) and index.dtype == torch.long
 
     def test_repr(self):
         assert repr(APS2d(2, p="inf")) == "APS2d(stride=(2, 2), p=inf, pad_mode='circular')"
@@ -186,9 +182,30 @@ class TestAPS2d:
             aps_gather2d(x, torch.tensor([0.0, 1.0]), 2)
 
     @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-    def test_cuda_matches_cpu(self):
+    def test_cuda_index_matches_cpu(self):  # the battery compares the outputs; the index must agree too
         x = torch.randn(2, 3, 9, 9)
         y, index = aps_select2d(x.cuda(), 2)
         ref_y, ref_index = aps_select2d(x, 2)
         assert torch.equal(index.cpu(), ref_index)
         torch.testing.assert_close(y.cpu(), ref_y)
+
+
+def _aps_reference(module, x):
+    sh, sw = module.stride
+    return reference_aps(x, sh, sw, module.p, module.pad_mode)[0]
+
+
+class TestAPS2dBattery(LayerBattery):
+    case = LayerCase(
+        layer="aps", make=lambda: APS2d(2, p=1, pad_mode="zeros"),
+        function=lambda m, x: aps_select2d(x, m.stride, m.p, m.pad_mode)[0], reference=_aps_reference,
+        shapes=[((2, 3, 9, 8), (2, 3, 5, 4)), ((3, 2, 6, 6), (3, 2, 3, 3))], grad_shape=(2, 2, 4, 5),
+    )
+
+
+class TestAPS2dCircularBattery(LayerBattery):
+    case = LayerCase(
+        layer="aps-circular", make=lambda: APS2d((2, 3), p="inf"),
+        function=lambda m, x: aps_select2d(x, m.stride, m.p, m.pad_mode)[0], reference=_aps_reference,
+        shapes=[((2, 3, 7, 8), (2, 3, 4, 3))], grad_shape=(1, 2, 5, 3),
+    )

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polyglean.layers import PASA2d, pasa2d, pasa_weights
+from tests.layers.battery import LayerBattery, LayerCase
 
 SETTINGS = settings(max_examples=20, deadline=None, database=None, derandomize=True)
 
@@ -65,9 +66,6 @@ def config(draw):
 
 
 class TestPASA2d:
-    def test_smoke(self):
-        assert PASA2d(4)(torch.randn(2, 4, 8, 8)).shape == (2, 4, 4, 4)
-
     @pytest.mark.parametrize(("shape", "k", "s", "groups"), [((7, 8), 3, 2, 2), ((9, 9), 5, 3, 1), ((6, 5), 2, 2, 4),
                                                               ((5, 5), 1, 2, 2), ((4, 6), 3, 1, 4)])
     def test_matches_reference(self, shape, k, s, groups):
@@ -129,17 +127,15 @@ class TestPASA2d:
         assert set(module.state_dict()) >= {"conv.weight", "bn.weight", "bn.bias", "bn.running_mean"}
         assert module.conv.out_channels == 2 * 9
 
-    def test_noncontiguous(self):
-        x = _random((2, 4, 7, 6), seed=8).transpose(-1, -2)
-        logits = _random((2, 18, 6, 7), seed=9)
-        torch.testing.assert_close(pasa2d(x, logits), pasa2d(x.contiguous(), logits), rtol=1e-12, atol=1e-12)
+    def test_noncontiguous_logits(self):  # the battery checks non-contiguous input of the Module
+        x = _random((2, 4, 7, 6), seed=8)
+        logits = _random((2, 18, 6, 7), seed=9).transpose(-1, -2)
+        torch.testing.assert_close(pasa2d(x, logits), pasa2d(x, logits.contiguous()), rtol=1e-12, atol=1e-12)
 
-    def test_gradcheck(self):
+    def test_gradcheck_logits(self):  # the battery differentiates through the Module's predictor
         x = _random((1, 2, 5, 4), seed=10).requires_grad_(True)
         logits = _random((1, 2 * 4, 5, 4), seed=11).requires_grad_(True)
         assert torch.autograd.gradcheck(lambda a, b: pasa2d(a, b, 2, 2), (x, logits))
-        module = PASA2d(2, groups=1).double()
-        assert torch.autograd.gradcheck(module, (x,))
 
     def test_repr(self):
         text = repr(PASA2d(8, kernel_size=5, stride=2, groups=4))
@@ -161,9 +157,16 @@ class TestPASA2d:
             pasa2d(x, torch.zeros(1, 10, 6, 6))
         with pytest.raises(ValueError, match="do not match input"):
             pasa2d(x, torch.zeros(1, 18, 5, 6))
-        with pytest.raises(ValueError, match=r"4-D input \(N, C, H, W\)"):
-            PASA2d(4)(torch.randn(4, 6, 6))
-        with pytest.raises(ValueError, match="expects 4 input channels"):
-            PASA2d(4)(torch.randn(1, 3, 6, 6))
         with pytest.raises(ValueError, match="reflect padding by 2 needs spatial size > 2"):
             pasa2d(torch.randn(1, 4, 2, 6), torch.zeros(1, 50, 2, 6), 5)
+
+
+class TestPASA2dBattery(LayerBattery):
+    case = LayerCase(
+        layer="pasa", make=lambda: PASA2d(4, kernel_size=3, stride=2, groups=2),
+        function=lambda m, x: pasa2d(x, m.logits(x), m.kernel_size, m.stride),
+        reference=lambda m, x: reference_pasa(x, m.logits(x), m.kernel_size, m.stride),
+        shapes=[((2, 4, 9, 7), (2, 4, 5, 4)), ((1, 4, 8, 8), (1, 4, 4, 4))], grad_shape=(1, 4, 5, 4),
+        bad_inputs=[(torch.randn(1, 3, 6, 6), ValueError, "expects 4 input channels"),
+                    (torch.randn(1, 4, 1, 6), ValueError, "reflect padding by 1 needs spatial size > 1")],
+    )

@@ -8,6 +8,7 @@ import torch
 from polyglean import PhaseNet, PhaseSearch
 from polyglean.models.cifar_resnet import cifar_resnet
 from polyglean.tta import AugmentedSearch, AugTTA, MeanTTA, ViewLogits, build_policy, search_views
+from polyglean.tta.aggregators import FitError
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_augmented_search(search: PhaseSearch, x: torch.Tensor) -> None:
 def test_fitted_aggregator_searches_only_its_views(search: PhaseSearch, x: torch.Tensor) -> None:
     policy = build_policy("flip", (3, 32, 32))
     tta = AugmentedSearch(search, policy, AugTTA())
-    with pytest.raises(Exception, match="must be fitted"):
+    with pytest.raises(FitError, match="augtta must be fitted"):
         tta.run(x, budgets=[1])
     tta.fit(x, torch.tensor([0, 1, 2]), budget=2)
     out = tta.run(x, budgets=[2])
