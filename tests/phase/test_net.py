@@ -175,7 +175,7 @@ class TestErrors:
 
     def test_input_smaller_than_reduction(self, resnet: tuple) -> None:
         _, net = resnet
-        with pytest.raises(ValueError, match="smaller than the model's total reduction 32x32"):
+        with pytest.raises(ValueError, match="smaller than the model's largest path reduction 32x32"):
             net(torch.randn(1, 3, 16, 64))
 
     def test_wrong_channels(self, resnet: tuple) -> None:
