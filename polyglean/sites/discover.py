@@ -194,23 +194,47 @@ def _strided(module: nn.Module) -> str | None:
     return None
 
 
-def _check_opaque(node: fx.Node, module: nn.Module, info: NodeInfo, retraceable: set[type[nn.Module]]) -> None:
-    """Refuses an opaque (untraced) module that subsamples: it shrinks an NCHW map and has a stride inside.
+def _kernel_shrink(module: nn.Module) -> tuple[int, int]:
+    """How much the stride-1 kernels inside ``module`` can shrink a map: ``Σ max(0, (k - 1) d - 2 p)`` per dim."""
+    total = [0, 0]
+    for m in module.modules():
+        kernel = getattr(m, "kernel_size", None)
+        if kernel is None:
+            continue
+        k = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)[-2:]
+        dil = getattr(m, "dilation", 1)
+        d = (dil, dil) if isinstance(dil, int) else tuple(dil)[-2:]
+        pad = getattr(m, "padding", 0)
+        p = (pad, pad) if isinstance(pad, int) else tuple(pad)[-2:] if isinstance(pad, (tuple, list)) else (0, 0)
+        for i in range(min(2, len(k), len(d), len(p))):
+            total[i] += max(0, (int(k[i]) - 1) * int(d[i]) - 2 * int(p[i]))
+    return (total[0], total[1])
 
-    A map can shrink without subsampling (a valid-padding 7x7 convolution on a 7x7 map gives 1x1): only a module
-    with a strided part subsamples. A type timm declares untraceable is traced into instead (``_TraceInto``).
+
+def _check_opaque(node: fx.Node, module: nn.Module, info: NodeInfo, retraceable: set[type[nn.Module]]) -> None:
+    """Refuses an opaque (untraced) module that subsamples: it shrinks an NCHW map and has a stride inside, or
+    shrinks it more than its kernels can explain.
+
+    A map can shrink without subsampling (a valid-padding 7x7 convolution on a 7x7 map gives 1x1): a module whose
+    parts are all at stride 1 and whose kernels account for the shrinking is not a subsampling site. A type timm
+    declares untraceable is traced into instead (``_TraceInto``).
     """
     if info.input_shape is None or info.shape is None or len(info.input_shape) != 4 or len(info.shape) != 4:
         return
-    if info.shape[-2] >= info.input_shape[-2] and info.shape[-1] >= info.input_shape[-1]:
+    shrink = (info.input_shape[-2] - info.shape[-2], info.input_shape[-1] - info.shape[-1])
+    if shrink[0] <= 0 and shrink[1] <= 0:
         return
     inner = _strided(module)
     if inner is None:
-        return
-    where = f"'{node.target}.{inner}'" if inner else f"'{node.target}'"
+        explained = _kernel_shrink(module)
+        if shrink[0] <= explained[0] and shrink[1] <= explained[1]:
+            return
+        why = "more than its kernels explain"
+    else:
+        why = f"stride at '{node.target}.{inner}'" if inner else "it has a stride"
     message = (
         f"module '{node.target}' ({type(module).__name__}) subsamples {info.input_shape[-2:]} -> "
-        f"{info.shape[-2:]} (stride at {where}) but is opaque to tracing and has no registered op kind"
+        f"{info.shape[-2:]} ({why}) but is opaque to tracing and has no registered op kind"
     )
     if type(module) in retraceable:
         raise _TraceInto(type(module), message)

@@ -43,7 +43,7 @@ def test_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> N
 def test_bad_input_size(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", "torchvision:resnet18", "--input-size", "16", "16"]) == 2
     err = capsys.readouterr().err
-    assert "16x16 is smaller than the model's total reduction 32x32" in err
+    assert "16x16 is smaller than the model's largest path reduction 32x32" in err
 
 
 def test_no_sites_message() -> None:
