@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from polyglean.aggregate import AGGREGATORS, Aggregator
+from polyglean.errors import ModelError
 from polyglean.aggregate import align as align_features
 from polyglean.phase.net import PhaseNet
 from polyglean.search.criteria import CRITERIA, Criterion
@@ -166,7 +167,7 @@ class PhaseSearch:
         if search_space is None:
             main = [s for s in sites if s.main_path]
             if not main:
-                raise ValueError(
+                raise ModelError(
                     f"no subsampling site of {type(self.net.model).__name__} lies on its main path (its branches "
                     f"subsample in parallel: {', '.join(f'{s.name} {s.factor}' for s in sites)}), so there is no "
                     "default search space nor a common grid to align; name the sites to search (search_space=...) "
