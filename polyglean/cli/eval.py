@@ -55,6 +55,8 @@ def add_parser(sub: Any, name: str) -> None:
     p.add_argument("--align-both", action="store_true", help="report every aggregate with and without alignment")
     p.add_argument("--search-space", nargs="+", metavar="SITE",
                    help="sites to search, by name or index (default: all but the first and last)")
+    p.add_argument("--phase-stride", type=int, default=1, metavar="N",
+                   help="search every N-th phase where a site's factor exceeds N (e.g. 4: 16 of a 16x16 ViT patch embedding's 256 phases; default 1, all)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, help="evaluate only the first N images (evenly spread over the classes)")
     p.add_argument("--subset", help="START:STOP of a fixed shuffled order of the images (e.g. 650: for the half of "
@@ -171,7 +173,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     first = learned if args.criterion == "learned" else by_name[variants[0]]
     search = PhaseSearch(net, budget=top, criterion=args.criterion, aggregate=first,
                          align=aligns[0], search_space=args.search_space, aggregate_on=args.aggregate_on,
-                         seed=args.seed)
+                         seed=args.seed, phase_stride=args.phase_stride)
     for module in modules.values():  # the displacement code is only meaningful for the search space it was trained on
         _check_learned(module, [s.name for s in search.search_space], module.meta["path"])
     with torch.no_grad():

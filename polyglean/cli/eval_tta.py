@@ -185,7 +185,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     net = PhaseNet(model, input_size=preprocess.input_size)
     phase_budgets = sorted(set(args.budgets) | {1})
     search = PhaseSearch(net, budget=phase_budgets[-1], criterion=args.criterion, aggregate=aggregate, align=align,
-                         search_space=args.search_space, aggregate_on=args.aggregate_on, seed=args.seed)
+                         search_space=args.search_space, aggregate_on=args.aggregate_on, seed=args.seed,
+                         phase_stride=args.phase_stride)
     policy = build_policy(args.tta_policy, preprocess.input_size, Pixels(preprocess.mean, preprocess.std),
                           seed=args.tta_seed)
     view_names = [a.name for a in policy]
