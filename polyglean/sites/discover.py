@@ -252,9 +252,12 @@ def _lineage(node: fx.Node, info: dict[fx.Node, NodeInfo]) -> list[fx.Node]:
     """The inputs whose spatial layout ``node``'s output carries on: all tensor inputs, except for products that
     contract their later operands (attention's keys and values), which keep the first operand's."""
     inputs = [a for a in node.all_input_nodes if _carries(info, a)]
-    contraction = (node.op == "call_method" and node.target in _CONTRACTION_METHODS) or (
+    return inputs[:1] if _is_contraction(node) else inputs
+
+
+def _is_contraction(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in _CONTRACTION_METHODS) or (
         node.op == "call_function" and _safe_in(node.target, _CONTRACTIONS))
-    return inputs[:1] if contraction else inputs
 
 
 def _safe_in(target: Any, items: set[Any]) -> bool:
@@ -276,7 +279,12 @@ def _upsampling(i: NodeInfo) -> tuple[Fraction, Fraction] | None:
 
 def _reductions(gm: fx.GraphModule, info: dict[fx.Node, NodeInfo], ops: dict[fx.Node, PhaseOp]
                 ) -> dict[fx.Node, Reduction]:
-    """The reduction of every tensor value from the input, along the dataflow (largest path where paths meet)."""
+    """The reduction of every tensor value from the input, along the dataflow (largest path where paths meet).
+
+    A product that contracts tokens (attention) takes the smallest reduction of its operands: its result has the
+    tokens of one operand and reduces over the others (PVT's keys and values are spatially reduced, GCViT's global
+    queries are).
+    """
     red: dict[fx.Node, Reduction] = {}
     one = Fraction(1)
     for node in gm.graph.nodes:
@@ -284,6 +292,11 @@ def _reductions(gm: fx.GraphModule, info: dict[fx.Node, NodeInfo], ops: dict[fx.
             red[node] = (one, one)
             continue
         if not _carries(info, node):
+            continue
+        if _is_contraction(node):
+            ins = [red[a] for a in node.all_input_nodes if a in red]
+            if ins:
+                red[node] = (min(v[0] for v in ins), min(v[1] for v in ins))
             continue
         ins = [red[a] for a in _lineage(node, info) if a in red]
         if not ins:

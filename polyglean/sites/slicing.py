@@ -104,7 +104,11 @@ def slice_phase(x: Tensor, index: Any, *, phase: Phase = (0, 0)) -> Tensor:
 
 
 class SlicePhase(FunctionPhaseOp):
-    """``x[index]`` whose strided slices take phase ``(dy, dx)``; one strided slice has factor ``(R, 1)``."""
+    """``x[index]`` whose strided slices take phase ``(dy, dx)``; one strided slice has factor ``(R, 1)``.
+
+    A single strided slice of the last dimension (``x[..., ::2]``, the channel pairs of rotary position embeddings)
+    is not taken for subsampling: a map is sliced along rows and columns together, or along rows.
+    """
 
     kind = "slice"
 
@@ -128,6 +132,7 @@ def _getitem(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
         raise ValueError(f"slicing at '{name}' subsamples {len(strided)} dimensions; at most 2 are supported")
     steps = [sl.step for _, _, sl in strided]
     dims = tuple(d - x.dim() for d, _, _ in strided)
-    if len(strided) == 1:
+    if len(strided) == 1 and dims[0] == -1:
+        return None  # one strided slice of the last dimension: channel pairs (rotary embeddings), not a map
         return SlicePhase(fn, name, (steps[0], 1), (dims[0], dims[0]))
     return SlicePhase(fn, name, (steps[0], steps[1]), (dims[0], dims[1]))
