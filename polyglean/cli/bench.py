@@ -29,6 +29,11 @@ def add_parser(sub: Any, name: str) -> None:
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
     p.add_argument("--criterion", default="entropy")
     p.add_argument("--aggregate", default="entropy")
+    p.add_argument("--phase-stride", type=int, default=1, metavar="N",
+                   help="search every N-th phase where a site's factor exceeds N (e.g. 4: 16 of a 16x16 ViT patch "
+                        "embedding's 256 phases; default 1, all)")
+    p.add_argument("--phase-stride", type=int, default=1, metavar="N",
+                   help="search every N-th phase where a site's factor exceeds N (e.g. 4: 16 of a 16x16 ViT patch embedding's 256 phases; default 1, all)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up (median reported)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--json", dest="json_out", help="also write the result here (atomically)")
@@ -66,7 +71,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     size = preprocess.input_size if not args.input_size else (preprocess.input_size[0], *args.input_size)
     check_input_size(size, args.batch_size)
     net = phase_net(model, size)
-    search = build_search(net, budget=args.budget, criterion=args.criterion, aggregate=args.aggregate)
+    search = build_search(net, budget=args.budget, criterion=args.criterion, aggregate=args.aggregate,
+                          phase_stride=args.phase_stride)
     x = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(0))
     result: dict[str, Any] = {}
 

@@ -75,6 +75,14 @@ def add_parser(sub: Any, name: str) -> None:
                         "aggregator is given for)")
     p.add_argument("--search-space", nargs="+", metavar="SITE",
                    help="sites to search, by name or index (default: all but the first and last)")
+    p.add_argument("--phase-stride", type=int, default=1, metavar="N",
+                   help="search every N-th phase where a site's factor exceeds N (e.g. 4: 16 of a 16x16 ViT patch "
+                        "embedding's 256 phases; default 1, all)")
+    p.add_argument("--phase-stride", type=int, default=1, metavar="N",
+                   help="search every N-th phase where a site's factor exceeds N (e.g. 4: 16 of a 16x16 ViT patch "
+                        "embedding's 256 phases; default 1, all)")
+    p.add_argument("--phase-stride", type=int, default=1, metavar="N",
+                   help="search every N-th phase where a site's factor exceeds N (e.g. 4: 16 of a 16x16 ViT patch embedding's 256 phases; default 1, all)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, help="evaluate only N images (evenly spread over the selection), last")
     p.add_argument("--subset", type=_subset,
@@ -275,7 +283,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     config = ClassificationConfig(
         budgets=tuple(args.budgets), criterion=args.criterion, aggregates=tuple(aggregates), aligns=aligns,
         aggregate_on=args.aggregate_on, search_space=tuple(args.search_space) if args.search_space else None,
-        learned=modules, batch_size=args.batch_size, workers=args.workers, seed=args.seed)
+        phase_stride=args.phase_stride, learned=modules, batch_size=args.batch_size, workers=args.workers,
+        seed=args.seed)
     dataset = _dataset(args.data, preprocess, num_classes, None, args.subset, args.limit)
     with Bars(args.model, not args.no_progress) as bars:
         result = evaluate_classification(net, dataset, config, progress=bars)
@@ -365,7 +374,8 @@ def evaluate_tta(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, An
         view_budgets=tuple(args.tta_budget) if args.tta_budget else (None,), phase_budgets=tuple(args.budgets),
         criterion=args.criterion, aggregate=aggregate, align=align, aggregate_on=args.aggregate_on,
         search_space=tuple(args.search_space) if args.search_space else None, learned=modules.get(align),
-        seed=args.seed, tta_seed=args.tta_seed or 0, batch_size=args.batch_size, workers=args.workers,
+        phase_stride=args.phase_stride, seed=args.seed, tta_seed=args.tta_seed or 0, batch_size=args.batch_size,
+        workers=args.workers,
         model_id=args.model, cache=args.tta_cache)
     states = None
     if args.tta_weights:

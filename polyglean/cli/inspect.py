@@ -38,6 +38,7 @@ def describe(net: PhaseNet, model_name: str) -> dict[str, Any]:
         "model": model_name,
         "input_size": list(net.input_size),
         "total_factor": list(net.total_factor),
+        "max_reduction": list(net.max_reduction),
         "total_gflops": total / 1e9,
         "sites": [
             {
@@ -46,6 +47,8 @@ def describe(net: PhaseNet, model_name: str) -> dict[str, Any]:
                 "ops": list(s.ops),
                 "factor": list(s.factor),
                 "level": s.level,
+                "reduction": list(s.reduction),
+                "main_path": s.main_path,
                 "in_size": list(s.in_size),
                 "out_size": list(s.out_size),
                 "discarded": s.discarded,
@@ -60,14 +63,18 @@ def format_table(info: dict[str, Any]) -> str:
     c, h, w = info["input_size"]
     lines = [f"{info['model']}  input {c}x{h}x{w}  {info['total_gflops']:.3f} GFLOPs  "
              f"total reduction {info['total_factor'][0]}x{info['total_factor'][1]}"]
+    largest = info.get("max_reduction", info["total_factor"])
+    if list(largest) != list(info["total_factor"]):
+        lines[0] += f" (largest path {largest[0]}x{largest[1]})"
     if not info["sites"]:
         lines.append("no subsampling sites found: every layer keeps the full resolution, there is nothing to glean")
         return "\n".join(lines)
-    rows = [("#", "site", "ops", "factor", "in -> out", "discarded", "FLOPs from site")]
+    rows = [("#", "site", "ops", "factor", "in -> out", "reduction", "path", "discarded", "FLOPs from site")]
     for s in info["sites"]:
         rows.append((
             str(s["index"]), s["name"], ", ".join(s["ops"]), "{}x{}".format(*s["factor"]),
-            "{}x{} -> {}x{}".format(*s["in_size"], *s["out_size"]), f"{s['discarded']:.0%}",
+            "{}x{} -> {}x{}".format(*s["in_size"], *s["out_size"]), "{}x{}".format(*s.get("reduction", s["factor"])),
+            "main" if s.get("main_path", True) else "off", f"{s['discarded']:.0%}",
             f"{s['flops_from_site']:.1%}",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -42,6 +42,7 @@ class ClassificationConfig:
             ``aggregate_on="logits"`` only ``(False,)``.
         aggregate_on: ``"features"`` or ``"logits"``.
         search_space: sites to search, by name or index; None: the default.
+        phase_stride: search every N-th phase where a site's factor exceeds N (1: all phases).
         learned: trained aggregators by the alignment they were trained with (for ``learned`` in ``aggregates``
             or ``criterion="learned"``). A ``learned`` row is reported for each alignment of ``aligns`` that has a
             module; with one alignment asked for, a missing module is an error (never another alignment instead).
@@ -57,6 +58,7 @@ class ClassificationConfig:
     aligns: tuple[bool, ...] = (True,)
     aggregate_on: str = "features"
     search_space: tuple[str | int, ...] | None = None
+    phase_stride: int = 1
     learned: Mapping[bool, Aggregator] = field(default_factory=dict)
     batch_size: int = 32
     workers: int = 0
@@ -158,7 +160,8 @@ def _search(net: PhaseNet, config: ClassificationConfig, top: int
         own = variants[0]
     search = build_search(net, budget=top, criterion=config.criterion, aggregate=aggregate, align=align,
                           search_space=list(config.search_space) if config.search_space else None,
-                          aggregate_on=config.aggregate_on, seed=config.seed)
+                          aggregate_on=config.aggregate_on, seed=config.seed,
+                          phase_stride=config.phase_stride)
     space = [s.name for s in search.search_space]
     for al, module in config.learned.items():  # the displacement code fits only the space it was trained on
         trained = list(getattr(module, "meta", {}).get("search_space", []))

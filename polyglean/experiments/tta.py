@@ -57,6 +57,7 @@ class TTAConfig:
         align: align the candidates' feature maps (features only).
         aggregate_on: ``"features"`` or ``"logits"``.
         search_space: sites to search; None: the default.
+        phase_stride: search every N-th phase where a site's factor exceeds N (1: all phases).
         learned: the trained aggregator for ``aggregate="learned"``.
         seed: seed of the random criterion.
         tta_seed: seed of the random-offset crops.
@@ -76,6 +77,7 @@ class TTAConfig:
     align: bool = True
     aggregate_on: str = "features"
     search_space: tuple[str | int, ...] | None = None
+    phase_stride: int = 1
     learned: Any = None
     seed: int = 0
     tta_seed: int = 0
@@ -162,6 +164,7 @@ def _cache(config: TTAConfig, net: PhaseNet, preprocess: Preprocess, search: Any
         "aggregator_sha256": None if config.learned is None else model_fingerprint(config.learned),
         "align": search.align, "aggregate_on": config.aggregate_on, "seed": config.seed,
         "search_space": [s.name for s in search.search_space], "sites": [s.name for s in net.sites],
+        "phase_stride": config.phase_stride,
         "device": torch.device(config.device).type,
     }
     return ViewCache(config.cache, key)
@@ -270,7 +273,8 @@ def evaluate_tta(net: PhaseNet, preprocess: Preprocess, dataset: Dataset[Any], c
     search = build_search(net, budget=budgets[-1], criterion=config.criterion,
                           aggregate=config.learned if config.learned is not None else config.aggregate,
                           align=config.align, search_space=list(config.search_space) if config.search_space else None,
-                          aggregate_on=config.aggregate_on, seed=config.seed)
+                          aggregate_on=config.aggregate_on, seed=config.seed,
+                          phase_stride=config.phase_stride)
     policy = build_policy(config.policy, preprocess.input_size, Pixels(preprocess.mean, preprocess.std),
                           seed=config.tta_seed)
     tta = AugmentedSearch(search, policy)

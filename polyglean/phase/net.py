@@ -8,7 +8,6 @@ its live values, run the rest with per-image phases.
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,11 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from polyglean.errors import ModelError
 from polyglean.phase.functional import check_phase
 from polyglean.sites import Discovery, PhaseOp, Site, discover
 from polyglean.sites.ops import PhaseValue
 
-__all__ = ["Phases", "PhaseNet", "Segment"]
+__all__ = ["Phases", "PhaseNet", "Segment", "check_eval_mode"]
 
 Phases = (
     Mapping[str | int, tuple[int, int]]
@@ -48,6 +48,27 @@ class Segment:
     live_in: tuple[str, ...]
 
 
+def check_eval_mode(model: nn.Module) -> None:
+    """Refuses a model with any module in training mode.
+
+    In training mode BatchNorm normalises with each batch's statistics and updates its running statistics, and
+    dropout is random: every forward of a search would change the user's model, and an image's prediction would
+    depend on the other images of its batch. PhaseNet never switches the mode itself (the model is the user's).
+
+    Raises:
+        ModelError: naming a module in training mode, with the fix.
+    """
+    training = [name for name, m in model.named_modules() if m.training]
+    if training:
+        first = f"'{training[0]}'" if training[0] else "the model itself"
+        raise ModelError(
+            f"{type(model).__name__} is in training mode ({len(training)} modules, e.g. {first}); polyglean "
+            "runs models in eval mode only (in training mode BatchNorm would update its running statistics with "
+            "every search step and an image's prediction would depend on its batch). Hint: call model.eval() "
+            "first."
+        )
+
+
 def _fetch(root: nn.Module, fallback: nn.Module, target: str) -> Any:
     for obj in (root, fallback):
         try:
@@ -66,10 +87,11 @@ class PhaseNet(nn.Module):
     weights are shared, not copied. ``net(x)`` equals ``model(x)`` bit for bit.
 
     Args:
-        model: Any image model in eval mode (it is traced in eval mode).
+        model: Any image model in eval mode; a model with a module in training mode is refused
+            (:func:`check_eval_mode`), and so is every forward after one was put back in training mode.
         input_size: ``(C, H, W)`` of one input image, for discovery.
         leaf_modules: Module names or types not to trace into.
-        example: An example batch for discovery instead of random data.
+        example: An example batch (any size) for discovery instead of random data.
 
     Example:
         >>> import torchvision  # doctest: +SKIP
@@ -92,6 +114,7 @@ class PhaseNet(nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if len(input_size) != 3:
             raise ValueError(f"input_size must be (C, H, W), got {tuple(input_size)}")
+        check_eval_mode(model)
         self.model = model
         self.input_size = tuple(int(v) for v in input_size)
         found = discover(model, self.input_size, leaf_modules, example)
@@ -99,11 +122,11 @@ class PhaseNet(nn.Module):
         self._sites = found.sites
         self._by_name = {s.name: s for s in found.sites}
         self._op_names = {name: s for s in found.sites for name in s.ops}
-        rh, rw = self.total_factor
+        rh, rw = self.max_reduction
         if self.input_size[1] < rh or self.input_size[2] < rw:
             raise ValueError(
-                f"input size {self.input_size[1]}x{self.input_size[2]} is smaller than the model's total reduction "
-                f"{rh}x{rw}; use an input of at least {rh}x{rw}"
+                f"input size {self.input_size[1]}x{self.input_size[2]} is smaller than the model's largest path "
+                f"reduction {rh}x{rw}; use an input of at least {rh}x{rw}"
             )
         self._plan()
         self._build()
@@ -127,8 +150,52 @@ class PhaseNet(nn.Module):
 
     @property
     def total_factor(self) -> tuple[int, int]:
-        """Product of the site factors: the model's total reduction ``(R_h, R_w)``."""
-        return (math.prod(s.factor[0] for s in self._sites), math.prod(s.factor[1] for s in self._sites))
+        """The model's total reduction ``(R_h, R_w)``: the product of the factors of the sites on the main path."""
+        return self._found.total_factor
+
+    @property
+    def max_reduction(self) -> tuple[int, int]:
+        """The largest reduction of any path through the model: inputs must be at least this large."""
+        return self._found.max_reduction
+
+    @property
+    def main_sites(self) -> list[Site]:
+        """The sites on the main path (see :attr:`Site.main_path`), input to output."""
+        return [s for s in self._sites if s.main_path]
+
+    def displacement(self, states: Tensor, first: int) -> Tensor:
+        """Displacement ``(Δy, Δx)`` of phase states, in pixels of the input grid of site ``first``.
+
+        Each main-path site ``l >= first`` at phase ``(dy, dx)`` moves the grid of everything after it by ``dy``
+        rows of its own input, which is ``r_in(l) / r_in(first)`` rows of the input of ``first`` (``r_in``: the
+        dataflow reduction at a site's input). On a chain of sites this is ``Σ_l d_l · Π_{first <= l' < l} R_l'``.
+        Sites off the main path move nothing as a whole and count zero.
+
+        Shape:
+            - states: ``(..., L)`` flat phase indices
+            - output: ``(..., 2)``
+        """
+        base = self._input_reduction(self._sites[first])
+        dy = torch.zeros(states.shape[:-1], dtype=torch.long, device=states.device)
+        dx = torch.zeros_like(dy)
+        for site in self._sites[first:]:
+            if not site.main_path:
+                continue
+            r_in = self._input_reduction(site)
+            scale = (max(1, round(r_in[0] / base[0])), max(1, round(r_in[1] / base[1])))
+            dy = dy + (states[..., site.index] // site.factor[1]) * scale[0]
+            dx = dx + (states[..., site.index] % site.factor[1]) * scale[1]
+        return torch.stack([dy, dx], -1)
+
+    def alignment_factor(self, first: int) -> tuple[int, int]:
+        """``T``: the reduction from the input of site ``first`` to the final feature map (the main path's end)."""
+        base = self._input_reduction(self._sites[first])
+        total = self.total_factor
+        return (max(1, round(total[0] / base[0])), max(1, round(total[1] / base[1])))
+
+    @staticmethod
+    def _input_reduction(site: Site) -> tuple[int, int]:
+        return (max(1, site.reduction[0] // site.factor[0]), max(1, site.reduction[1] // site.factor[1]))
 
     @property
     def head_segment(self) -> int | None:
@@ -193,7 +260,7 @@ class PhaseNet(nn.Module):
                 f"{type(self.model).__name__}.forward takes {len(inputs)} inputs ({[n.name for n in inputs]}); "
                 "PhaseNet needs a model whose forward takes one image batch"
             )
-        batch = 2  # discovery runs an example batch of two images
+        batch = self._found.batch  # the size of the batch discovery recorded the graph on
         depends: dict[fx.Node, bool] = {}
         for n in nodes:
             depends[n] = n.op == "placeholder" or any(depends[a] for a in n.all_input_nodes)
@@ -313,10 +380,12 @@ class PhaseNet(nn.Module):
 
         Raises:
             TypeError: not a tensor.
-            ValueError: not ``(N, C, H, W)``, wrong channel count, or smaller than the total reduction.
+            ModelError: the model is in training mode.
+            ValueError: not ``(N, C, H, W)``, wrong channel count, or smaller than the largest path reduction.
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"input must be a tensor (N, C, H, W), got {type(x).__name__}")
+        check_eval_mode(self.model)
         if x.dim() != 4:
             raise ValueError(f"input must be a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}")
         if x.shape[1] != self.input_size[0]:
@@ -324,10 +393,10 @@ class PhaseNet(nn.Module):
                 f"input has {x.shape[1]} channels but the model was inspected with {self.input_size[0]} "
                 f"(input_size={self.input_size})"
             )
-        rh, rw = self.total_factor
+        rh, rw = self.max_reduction
         if x.shape[-2] < rh or x.shape[-1] < rw:
             raise ValueError(
-                f"input {x.shape[-2]}x{x.shape[-1]} is smaller than the model's total reduction {rh}x{rw}"
+                f"input {x.shape[-2]}x{x.shape[-1]} is smaller than the model's largest path reduction {rh}x{rw}"
             )
         return x
 

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polyglean.aggregate import AGGREGATORS, Aggregator, alignment_factor, displacement
+from polyglean.aggregate import AGGREGATORS, Aggregator
+from polyglean.errors import ModelError
 from polyglean.aggregate import align as align_features
 from polyglean.errors import ArgumentError
 from polyglean.phase.net import PhaseNet
@@ -105,8 +106,12 @@ class PhaseSearch:
         aggregate: ``mean`` or ``entropy``, or an :class:`Aggregator` object such as a trained
             :class:`~polyglean.aggregate.learned.AttentionAggregator` (:func:`~polyglean.load_aggregator`).
         align: Align the candidates' final feature maps onto the default grid before aggregating them.
-        search_space: Sites to search (names or indices). Default: every site but the first and the last, or all
-            sites when that leaves none.
+        search_space: Sites to search (names or indices). Default: every site on the main path (``Site.main_path``)
+            but the first and the last, or all of them when that leaves none; sites off the main path (attention's
+            spatial reduction, auxiliary branches) are searched only when named.
+        phase_stride: Search a sub-grid of phases: at a site whose factor exceeds ``phase_stride`` along a
+            dimension, only phases that are multiples of it there (a 16x16 ViT patch embedding with 4: 16 of its
+            256 phases); sites with smaller factors keep all theirs. Default 1: every phase.
         aggregate_on: ``"features"`` (final feature maps, then the head) or ``"logits"``.
         seed: Seed of the random criterion.
 
@@ -125,6 +130,7 @@ class PhaseSearch:
         search_space: Sequence[str | int] | None = None,
         aggregate_on: str = "features",
         seed: int = 0,
+        phase_stride: int = 1,
     ) -> None:
         if not isinstance(net, PhaseNet):
             raise TypeError(f"net must be a PhaseNet, got {type(net).__name__}")
@@ -140,7 +146,11 @@ class PhaseSearch:
         self.aggregate_on = aggregate_on
         self.align = bool(align) and aggregate_on == "features"
         self.seed = seed
+        if isinstance(phase_stride, bool) or not isinstance(phase_stride, int) or phase_stride < 1:
+            raise ValueError(f"phase_stride must be an int >= 1, got {phase_stride!r}")
+        self.phase_stride = phase_stride
         self.search_space = self._space(search_space)
+        self._phases = {s.index: self._sub_grid(s) for s in self.search_space}
         if getattr(self.criterion, "needs_features", False):
             if aggregate_on != "features":
                 raise ValueError(f"criterion {type(self.criterion).__name__} reads feature maps; it needs "
@@ -150,13 +160,20 @@ class PhaseSearch:
                     raise ValueError("criterion 'learned' ranks candidates by the attention of the learned "
                                      "aggregator: use it with a learned aggregator (aggregate=load_aggregator(...))")
                 self.criterion.module = self.aggregator
-        self.num_states = math.prod(s.num_phases for s in self.search_space)
+        self.num_states = math.prod(len(self._phases[s.index]) for s in self.search_space)
         self.budget = self._check_budget(budget)
 
     def _space(self, search_space: Sequence[str | int] | None) -> list[Site]:
         sites = self.net.sites
         if search_space is None:
-            chosen = sites[1:-1] if len(sites) > 2 else sites
+            main = [s for s in sites if s.main_path]
+            if not main:
+                raise ModelError(
+                    f"no subsampling site of {type(self.net.model).__name__} lies on its main path (its branches "
+                    f"subsample in parallel: {', '.join(f'{s.name} {s.factor}' for s in sites)}), so there is no "
+                    "default search space nor a common grid to align; name the sites to search (search_space=...) "
+                    "and aggregate_on='logits'")
+            chosen = main[1:-1] if len(main) > 2 else main
         else:
             if isinstance(search_space, (str, int)):
                 search_space = [search_space]
@@ -165,6 +182,12 @@ class PhaseSearch:
                 raise ValueError("the search space is empty; name at least one site")
         chosen = sorted({s.index: s for s in chosen}.values(), key=lambda s: s.index)
         return chosen
+
+    def _sub_grid(self, site: Site) -> list[int]:
+        """Flat indices of the phases searched at ``site`` (the sub-grid of ``phase_stride``), default first."""
+        step = [self.phase_stride if r > self.phase_stride else 1 for r in site.factor]
+        return [dy * site.factor[1] + dx for dy in range(0, site.factor[0], step[0])
+                for dx in range(0, site.factor[1], step[1])]
 
     def _check_budget(self, budget: int) -> int:
         if isinstance(budget, bool) or not isinstance(budget, int):
@@ -235,7 +258,7 @@ class PhaseSearch:
             new = self._evaluate(requests, entry, stop, seg_flops)
             flops += new["flops"]
             evaluated += len(new["rows"])
-            shift = displacement(torch.tensor([r[1] for r in new["rows"]]), [s.factor for s in sites], space[0])
+            shift = net.displacement(torch.tensor([r[1] for r in new["rows"]]), space[0])
             scores = self.criterion.score(new["logits"], shift, generator)
             for row, (image, state, depth, cache) in enumerate(new["rows"]):
                 cands[image].append(_Candidate(state, depth, float(scores[row]), new["logits"][row], cache,
@@ -274,9 +297,9 @@ class PhaseSearch:
             node = min(open_nodes, key=lambda c: c.score)  # ties: the earliest candidate
             k = node.depth
             site = self.net.sites[space[k]]
-            count = min(site.num_phases - 1, top - len(pool))
+            count = min(len(self._phases[site.index]) - 1, top - len(pool))
             children = []
-            for p in range(1, count + 1):
+            for p in self._phases[site.index][1:count + 1]:
                 state = list(node.state)
                 state[space[k]] = p
                 children.append(tuple(state))
@@ -339,18 +362,16 @@ class PhaseSearch:
         return {"rows": rows, "logits": logits, "features": features, "flops": flops, "costs": costs}
 
     def _rescore(self, cands: list[list[_Candidate]], first: int, generator: torch.Generator) -> None:
-        sites = self.net.sites
-        factors = [s.factor for s in sites]
         with_features = getattr(self.criterion, "needs_features", False)
         for pool in cands:
             logits = torch.stack([c.logits for c in pool])
-            shift = displacement(torch.tensor([c.state for c in pool]), factors, first)
+            shift = self.net.displacement(torch.tensor([c.state for c in pool]), first)
             if with_features:
                 for c, d in zip(pool, shift):
                     if c.aligned is None:
                         c.aligned = c.features
                         if self.align and bool(d.any()):
-                            c.aligned = align_features(c.features, d[None], alignment_factor(factors, first),
+                            c.aligned = align_features(c.features, d[None], self.net.alignment_factor(first),
                                                        self.net.feature_dims)
                 scores = self.criterion.score(logits, shift, generator,
                                               features=torch.cat([c.aligned for c in pool]))
@@ -364,9 +385,8 @@ class PhaseSearch:
                    evaluated: int, n: int, root_logits: Tensor, seconds: dict[int, float]) -> SearchResult:
         """Aggregates at each budget; ``seconds[b]`` is when every image had ``b`` candidates (plus aggregation)."""
         net = self.net
-        sites = net.sites
         states = torch.tensor([[c.state for c in pool] for pool in cands])
-        shift = displacement(states, [s.factor for s in sites], first)
+        shift = net.displacement(states, first)
         logits = torch.stack([torch.stack([c.logits for c in pool]) for pool in cands])
         scores = torch.tensor([[c.score for c in pool] for pool in cands])
         seg_flops = net.segment_flops()
@@ -403,7 +423,7 @@ class PhaseSearch:
         feats = result.features[:, :budget]
         if do_align:
             first = self.search_space[0].index
-            factor = alignment_factor([s.factor for s in self.net.sites], first)
+            factor = self.net.alignment_factor(first)
             flat = align_features(feats.flatten(0, 1), shift.reshape(-1, 2), factor, self.net.feature_dims)
             feats = flat.reshape(feats.shape)
         return self._as_logits(self.net.head(aggregator.combine(feats, logits, shift)))

@@ -9,13 +9,66 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polyglean.phase.functional import Phase, as_pair, conv2d_phase, same_padding
+from polyglean.sites.geometry import Phase, as_pair, conv_padding, check_phase, output_size, same_padding, window
 from polyglean.sites.ops import FunctionPhaseOp, ModulePhaseOp, bind, register_function_op, register_module_op
 
-__all__ = ["Conv2dPhase", "Conv2dSamePhase", "FunctionalConv2dPhase"]
+__all__ = ["Conv2dPhase", "Conv2dSamePhase", "FunctionalConv2dPhase", "conv2d_phase"]
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+def conv2d_phase(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    *,
+    phase: Phase = (0, 0),
+    padding_mode: str = "zeros",
+    explicit_padding: tuple[int, int, int, int] | None = None,
+) -> Tensor:
+    """A 2-D convolution at phase ``phase`` of its stride.
+
+    Args:
+        x: Input.
+        weight: Filters, ``(C_out, C_in / groups, k_h, k_w)``.
+        bias: Optional bias ``(C_out,)``.
+        stride: The subsampling factor ``(R_h, R_w)``.
+        padding: As ``F.conv2d``; ignored when ``explicit_padding`` is given.
+        dilation: As ``F.conv2d``.
+        groups: As ``F.conv2d``.
+        phase: ``(dy, dx)`` with ``0 <= dy < R_h``, ``0 <= dx < R_w``.
+        padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"`` (as ``nn.Conv2d``).
+        explicit_padding: ``(left, right, top, bottom)``, for asymmetric padding such as TF "SAME".
+
+    Returns:
+        The convolution's stride-1 output sampled at rows ``i * R_h + dy``, columns ``j * R_w + dx``.
+
+    Shape:
+        - x: ``(N, C_in, H, W)``
+        - output: ``(N, C_out, H_out, W_out)``, the shape of the default (phase ``(0, 0)``) convolution.
+
+    Example:
+        >>> x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
+        >>> ref = F.conv2d(x, w, padding=1)[..., 1::2, 0::2]
+        >>> torch.allclose(conv2d_phase(x, w, stride=2, padding=1, phase=(1, 0)), ref, atol=1e-5)
+        True
+    """
+    s, d = as_pair(stride, "stride"), as_pair(dilation, "dilation")
+    k = (weight.shape[-2], weight.shape[-1])
+    pads = explicit_padding if explicit_padding is not None else conv_padding(padding, k, d)
+    check_phase(phase, s)
+    pl, pr, pt, pb = pads
+    out_h = output_size(x.shape[-2], pt + pb, k[0], s[0], d[0], False, pt)
+    out_w = output_size(x.shape[-1], pl + pr, k[1], s[1], d[1], False, pl)
+    needed = ((out_h - 1) * s[0] + d[0] * (k[0] - 1) + 1, (out_w - 1) * s[1] + d[1] * (k[1] - 1) + 1)
+    mode = "constant" if padding_mode == "zeros" else padding_mode
+    shifted = window(x, pads, 0.0, phase, needed, mode)
+    return F.conv2d(shifted, weight, bias, s, 0, d, groups)
 
 
 class Conv2dPhase(ModulePhaseOp):

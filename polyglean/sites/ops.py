@@ -18,9 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from polyglean.phase.functional import Phase
+from polyglean.registry import Registry
+from polyglean.sites.geometry import Phase
 
 __all__ = [
+    "FUNCTION_KINDS",
+    "MODULE_KINDS",
     "PhaseOp",
     "PhaseValue",
     "function_kinds",
@@ -36,8 +39,17 @@ PhaseValue = int | Tensor | None
 ModuleFactory = Callable[[nn.Module, str], "PhaseOp | None"]
 FunctionFactory = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any], str], "PhaseOp | None"]
 
-_MODULE_KINDS: dict[type[nn.Module], ModuleFactory] = {}
-_FUNCTION_KINDS: dict[Callable[..., Any], FunctionFactory] = {}
+MODULE_KINDS: Registry[tuple[type[nn.Module], ModuleFactory]] = Registry("op kind for a module type")
+"""Op kinds of module types, keyed by the type's qualified name (``"torch.nn.modules.conv.Conv2d"``)."""
+FUNCTION_KINDS: Registry[tuple[Callable[..., Any], FunctionFactory]] = Registry("op kind for a function")
+"""Op kinds of functions called in ``forward``, keyed by the function's qualified name."""
+
+
+def qualified_name(obj: Any) -> str:
+    """``module.qualname`` of a type, ``module.name`` of a function: the key of its op kind."""
+    module = getattr(obj, "__module__", None) or "builtins"
+    attr = "__qualname__" if isinstance(obj, type) else "__name__"
+    return f"{module}.{getattr(obj, attr, None) or repr(obj)}"
 
 
 class PhaseOp(nn.Module):
@@ -131,7 +143,7 @@ def register_module_op(cls: type[nn.Module], factory: ModuleFactory | None = Non
     """Registers the op kind of a module type; usable as a decorator on the factory.
 
     The factory receives ``(module, name)`` and returns a :class:`PhaseOp`, or ``None`` when that module does not
-    subsample (e.g. stride 1). Registering a type twice is an error.
+    subsample (e.g. stride 1). Registering a type twice is an error. The kinds live in :data:`MODULE_KINDS`.
 
     Example:
         >>> @register_module_op(MyStridedConv)  # doctest: +SKIP
@@ -139,9 +151,7 @@ def register_module_op(cls: type[nn.Module], factory: ModuleFactory | None = Non
     """
 
     def add(fn: ModuleFactory) -> ModuleFactory:
-        if cls in _MODULE_KINDS:
-            raise ValueError(f"an op kind for module type {cls.__qualname__} is already registered")
-        _MODULE_KINDS[cls] = fn
+        MODULE_KINDS.register(qualified_name(cls), (cls, fn))
         return fn
 
     return add(factory) if factory is not None else add
@@ -151,12 +161,11 @@ def register_function_op(fn: Callable[..., Any], factory: FunctionFactory | None
     """Registers the op kind of a function (e.g. ``F.max_pool2d``); usable as a decorator on the factory.
 
     The factory receives ``(fn, args, kwargs, name)`` with the actual argument values seen when the model ran.
+    The kinds live in :data:`FUNCTION_KINDS`.
     """
 
     def add(factory_: FunctionFactory) -> FunctionFactory:
-        if fn in _FUNCTION_KINDS:
-            raise ValueError(f"an op kind for function {getattr(fn, '__name__', fn)!r} is already registered")
-        _FUNCTION_KINDS[fn] = factory_
+        FUNCTION_KINDS.register(qualified_name(fn), (fn, factory_))
         return factory_
 
     return add(factory) if factory is not None else add
@@ -164,22 +173,24 @@ def register_function_op(fn: Callable[..., Any], factory: FunctionFactory | None
 
 def module_kinds() -> tuple[type[nn.Module], ...]:
     """The module types with a registered op kind."""
-    return tuple(_MODULE_KINDS)
+    return tuple(MODULE_KINDS[name][0] for name in MODULE_KINDS)
 
 
 def function_kinds() -> tuple[Callable[..., Any], ...]:
     """The functions with a registered op kind."""
-    return tuple(_FUNCTION_KINDS)
+    return tuple(FUNCTION_KINDS[name][0] for name in FUNCTION_KINDS)
 
 
 def _module_factory(module: nn.Module) -> ModuleFactory | None:
     cls = type(module)
-    if cls in _MODULE_KINDS:
-        return _MODULE_KINDS[cls]
+    key = qualified_name(cls)
+    if key in MODULE_KINDS and MODULE_KINDS[key][0] is cls:
+        return MODULE_KINDS[key][1]
     # A subclass that keeps its base's forward computes what the base computes (e.g. a renamed nn.Conv2d).
     for base in cls.__mro__[1:]:
-        if base in _MODULE_KINDS and cls.forward is base.forward:
-            return _MODULE_KINDS[base]
+        key = qualified_name(base)
+        if key in MODULE_KINDS and MODULE_KINDS[key][0] is base and cls.forward is base.forward:
+            return MODULE_KINDS[key][1]
     return None
 
 
@@ -197,10 +208,10 @@ def match_module(module: nn.Module, name: str) -> PhaseOp | None:
 def match_function(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], name: str
                    ) -> PhaseOp | None:
     """The :class:`PhaseOp` of a function call with these actual arguments, or ``None``."""
-    try:
-        factory = _FUNCTION_KINDS.get(fn)
-    except TypeError:  # unhashable target
+    key = qualified_name(fn)
+    if key not in FUNCTION_KINDS or FUNCTION_KINDS[key][0] is not fn:
         return None
+    factory = FUNCTION_KINDS[key][1]
     return None if factory is None else factory(fn, args, kwargs, name)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from polyglean.phase.functional import Phase, shift2d
+from polyglean.sites.geometry import Phase, shift2d
 from polyglean.sites.ops import ModulePhaseOp, register_module_op
 
 __all__ = ["PatchMergingPhase"]

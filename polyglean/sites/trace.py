@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +13,7 @@ from torch import Tensor, fx, nn
 from polyglean.sites.ops import is_module_kind
 from polyglean.errors import TraceError
 
-__all__ = ["NodeInfo", "TraceError", "record", "trace"]
+__all__ = ["NodeInfo", "TraceError", "record", "timm_leaf_types", "trace"]
 
 
 
@@ -53,24 +54,63 @@ class _Tracer(fx.Tracer):
             self.path_stack.pop()
 
 
-def trace(model: nn.Module, leaf_modules: Iterable[str | type[nn.Module]] = ()) -> fx.GraphModule:
+def timm_leaf_types() -> set[type[nn.Module]]:
+    """The module types timm declares untraceable (kept opaque unless discovery has to look inside)."""
+    return _timm_notrace()[0]
+
+
+def _defaults(model: nn.Module) -> dict[str, Any]:
+    """Every argument of ``model.forward`` after the image that has a default, with that default."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+
+
+def _inline_constants(graph: fx.Graph, values: dict[str, Any]) -> None:
+    """Replaces the placeholders of arguments traced at their defaults by the default values themselves."""
+    for node in list(graph.nodes):
+        if node.op != "placeholder" or not node.args:
+            continue
+        base = str(node.target)
+        base = base.rsplit("_", 1)[0] if base not in values and base.rsplit("_", 1)[-1].isdigit() else base
+        name = base if base in values else None
+        if name is None:
+            continue
+        value = values[name]
+        for user in list(node.users):
+            user.args = fx.map_arg(user.args, lambda a: value if a is node else a)
+            user.kwargs = fx.map_arg(user.kwargs, lambda a: value if a is node else a)
+        graph.erase_node(node)
+
+
+def trace(model: nn.Module, leaf_modules: Iterable[str | type[nn.Module]] = (),
+          trace_into: Iterable[type[nn.Module]] = ()) -> fx.GraphModule:
     """Traces ``model`` (in eval mode, restored afterwards) into a GraphModule that shares its weights.
+
+    Arguments of ``forward`` after the image that have defaults (e.g. ``attn_mask=None``) are traced at their
+    defaults, so the graph takes the image batch alone.
 
     Args:
         model: Any ``nn.Module`` whose ``forward`` takes one image batch.
         leaf_modules: Module names or types to keep opaque (not traced into), for parts that do not trace.
+        trace_into: Types timm declares untraceable that are traced into all the same (discovery retries with a
+            type here when such a module turns out to subsample).
 
     Raises:
         TraceError: naming the innermost module that failed to trace, with a hint.
     """
     timm_types, timm_fns = _timm_notrace()
-    types = {m for m in leaf_modules if isinstance(m, type)} | timm_types
+    types = {m for m in leaf_modules if isinstance(m, type)} | (timm_types - set(trace_into))
     names = {m for m in leaf_modules if isinstance(m, str)}
     tracer = _Tracer(types, names, timm_fns)
+    defaults = _defaults(model)
     was_training = model.training
     model.eval()
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=defaults or None)
     except Exception as err:
         where = f"module '{tracer.failed_scope}'" if tracer.failed_scope else f"{type(model).__name__}.forward"
         raise TraceError(
@@ -80,6 +120,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[str | type[nn.Module]] = ()) 
         ) from err
     finally:
         model.train(was_training)
+    _inline_constants(graph, defaults)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 

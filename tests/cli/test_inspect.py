@@ -43,7 +43,7 @@ def test_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> N
 def test_bad_input_size(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", "torchvision:resnet18", "--input-size", "16", "16"]) == 2
     err = capsys.readouterr().err
-    assert "16x16 is smaller than the model's total reduction 32x32" in err
+    assert "16x16 is smaller than the model's largest path reduction 32x32" in err
 
 
 def test_no_sites_message() -> None:
@@ -58,3 +58,20 @@ def test_cifar_preset(shared_data, monkeypatch: pytest.MonkeyPatch, capsys: pyte
     info = json.loads(capsys.readouterr().out)
     assert [s["ops"] for s in info["sites"]] == [["layer2.0.conv1", "layer2.0.shortcut.getitem"],
                                                   ["layer3.0.conv1", "layer3.0.shortcut.getitem"]]
+
+
+def test_table_shows_reduction_and_main_path() -> None:
+    from polyglean.cli.inspect import describe, format_table
+    from polyglean.phase.net import PhaseNet
+    from tests.zoo import lively
+
+    import timm
+
+    net = PhaseNet(lively(timm.create_model("pvt_v2_b0", pretrained=False)), (3, 64, 64))
+    info = describe(net, "timm:pvt_v2_b0")
+    sr = next(s for s in info["sites"] if s["name"] == "stages.0.blocks.0.attn.sr")
+    assert sr["main_path"] is False and sr["reduction"] == [32, 32] and sr["factor"] == [8, 8]
+    table = format_table(info)
+    row = next(line for line in table.splitlines() if "stages.0.blocks.0.attn.sr " in line)
+    assert "8x8" in row and "32x32" in row and " off " in row
+    assert "total reduction 32x32" in table.splitlines()[0]

@@ -175,7 +175,7 @@ class TestErrors:
 
     def test_input_smaller_than_reduction(self, resnet: tuple) -> None:
         _, net = resnet
-        with pytest.raises(ValueError, match="smaller than the model's total reduction 32x32"):
+        with pytest.raises(ValueError, match="smaller than the model's largest path reduction 32x32"):
             net(torch.randn(1, 3, 16, 64))
 
     def test_wrong_channels(self, resnet: tuple) -> None:
@@ -184,7 +184,7 @@ class TestErrors:
             net(torch.randn(1, 1, 64, 64))
 
     def test_no_subsampling(self) -> None:
-        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
         net = PhaseNet(model, input_size=(3, 16, 16))
         assert net.sites == []
         x = torch.randn(1, 3, 16, 16)
@@ -197,7 +197,7 @@ class TestErrors:
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 return x[..., ::2, ::2] if x.sum() > 0 else x
 
-        model = nn.Sequential(nn.Conv2d(3, 3, 3), Branchy())
+        model = nn.Sequential(nn.Conv2d(3, 3, 3), Branchy()).eval()
         with pytest.raises(TraceError, match="module '1'.*Hint"):
             PhaseNet(model, input_size=(3, 16, 16))
 
@@ -206,7 +206,7 @@ class TestErrors:
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 return x[..., ::2, ::2]
 
-        model = nn.Sequential(nn.Conv2d(3, 3, 3), Down())
+        model = nn.Sequential(nn.Conv2d(3, 3, 3), Down()).eval()
         assert len(PhaseNet(model, input_size=(3, 16, 16)).sites) == 1  # traced into: found
         with pytest.raises(UnsupportedOpError, match="module '1'.*opaque"):
             PhaseNet(model, input_size=(3, 16, 16), leaf_modules=[Down])

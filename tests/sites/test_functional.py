@@ -8,14 +8,11 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from polyglean.phase.functional import (
-    avg_pool2d_phase,
-    conv2d_phase,
-    max_pool2d_phase,
-    same_padding,
-    shift2d,
-    slice_phase,
-)
+import polyglean.phase.functional as phase_functional
+from polyglean.sites.conv import conv2d_phase
+from polyglean.sites.geometry import same_padding, shift2d
+from polyglean.sites.pool import avg_pool2d_phase, max_pool2d_phase
+from polyglean.sites.slicing import slice_phase
 from tests.reference import avg_pool2d_ref, conv2d_ref, max_pool2d_ref, slice_ref
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -189,3 +186,23 @@ def test_shift2d() -> None:
     out = shift2d(x, (1, 2))
     assert torch.equal(out[0, 0], torch.tensor([[6.0, 7, 0, 0], [10, 11, 0, 0], [0, 0, 0, 0]]))
     assert torch.equal(shift2d(x, (0, 0)), x)
+
+
+def test_phase_functional_reexports_the_op_kinds_functions() -> None:
+    """One op at a phase lives in one place (its op-kind file); ``polyglean.phase.functional`` only re-exports."""
+    assert phase_functional.conv2d_phase is conv2d_phase
+    assert phase_functional.max_pool2d_phase is max_pool2d_phase
+    assert phase_functional.avg_pool2d_phase is avg_pool2d_phase
+    assert phase_functional.slice_phase is slice_phase
+    assert phase_functional.shift2d is shift2d
+
+
+def test_sites_never_import_phase() -> None:
+    """The dependency is one-way: sites -> phase, never back (checked on the source, not the import cache)."""
+    import pathlib
+
+    import polyglean.sites
+
+    root = pathlib.Path(polyglean.sites.__file__).parent
+    offenders = [p.name for p in root.glob("*.py") if "polyglean.phase" in p.read_text()]
+    assert offenders == []
