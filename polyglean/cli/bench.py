@@ -32,8 +32,6 @@ def add_parser(sub: Any, name: str) -> None:
     p.add_argument("--phase-stride", type=int, default=1, metavar="N",
                    help="search every N-th phase where a site's factor exceeds N (e.g. 4: 16 of a 16x16 ViT patch "
                         "embedding's 256 phases; default 1, all)")
-    p.add_argument("--phase-stride", type=int, default=1, metavar="N",
-                   help="search every N-th phase where a site's factor exceeds N (e.g. 4: 16 of a 16x16 ViT patch embedding's 256 phases; default 1, all)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up (median reported)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--json", dest="json_out", help="also write the result here (atomically)")

@@ -78,11 +78,6 @@ def add_parser(sub: Any, name: str) -> None:
     p.add_argument("--phase-stride", type=int, default=1, metavar="N",
                    help="search every N-th phase where a site's factor exceeds N (e.g. 4: 16 of a 16x16 ViT patch "
                         "embedding's 256 phases; default 1, all)")
-    p.add_argument("--phase-stride", type=int, default=1, metavar="N",
-                   help="search every N-th phase where a site's factor exceeds N (e.g. 4: 16 of a 16x16 ViT patch "
-                        "embedding's 256 phases; default 1, all)")
-    p.add_argument("--phase-stride", type=int, default=1, metavar="N",
-                   help="search every N-th phase where a site's factor exceeds N (e.g. 4: 16 of a 16x16 ViT patch embedding's 256 phases; default 1, all)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, help="evaluate only N images (evenly spread over the selection), last")
     p.add_argument("--subset", type=_subset,
