@@ -1,7 +1,9 @@
 """Semantic segmentation metrics: a confusion matrix over the whole set and what it gives.
 
 - ``C[t, p]`` counts the pixels of true class ``t`` predicted as ``p``, over every pixel whose label is not the ignore
-  index (the standard definition: one matrix for the set, not an average of per-image or per-batch scores).
+  index (the standard definition: one matrix for the set, not an average of per-image or per-batch scores). A last
+  column counts predictions outside the classes (a void channel some models predict): misses of the true class,
+  nobody's false positive.
 - ``IoU_k = C_kk / (Σ_j C_kj + Σ_i C_ik − C_kk)``; mIoU = mean over the classes present in the labels or the
   predictions (a class absent from both has no IoU: NaN, left out of the mean).
 - pixel accuracy = ``trace C / Σ C``; mean class accuracy = mean over classes present in the labels of
@@ -16,7 +18,7 @@ Example:
     >>> pred = torch.tensor([[0, 1, 1, 2]])
     >>> c = confusion_matrix(pred, target, 3)
     >>> round(segmentation_scores(c)["miou"], 2)
-    83.33
+    66.67
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
                      mask: Tensor | None = None) -> Tensor:
     """``C[t, p]``: pixels of true class ``t`` predicted as ``p`` (pixels labelled ``ignore_index`` left out).
 
-    Predictions outside ``[0, num_classes)`` (e.g. a void channel a model predicts) count as misses of the true
-    class and as nobody's false positive.
+    Column ``K`` counts predictions outside ``[0, K)`` (e.g. a void channel a model predicts): misses of the true
+    class, nobody's false positive.
 
     Args:
         pred: Predicted class per pixel.
@@ -55,7 +57,7 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
 
     Shape:
         - pred, target, mask: ``(..., H, W)``
-        - output: ``(K, K)`` int64
+        - output: ``(K, K + 1)`` int64
     """
     _check_maps(pred, target)
     keep = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
@@ -68,22 +70,24 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
                             f"ignore index {ignore_index}")
     p = torch.where((p >= 0) & (p < num_classes), p, torch.full_like(p, num_classes))
     counts = torch.bincount(t * (num_classes + 1) + p, minlength=num_classes * (num_classes + 1))
-    return counts.reshape(num_classes, num_classes + 1)[:, :num_classes]
+    return counts.reshape(num_classes, num_classes + 1)
 
 
 def segmentation_scores(conf: Tensor) -> dict[str, float | list[float]]:
     """mIoU, per-class IoU, pixel accuracy and mean class accuracy (all in percent) from a confusion matrix.
 
     Args:
-        conf: ``(K, K)``, rows the true classes (:func:`confusion_matrix`).
+        conf: ``(K, K)`` or ``(K, K + 1)`` (a last column of predictions outside the classes), rows the true
+            classes (:func:`confusion_matrix`).
 
     Returns:
         ``miou``, ``per_class_iou`` (NaN for a class absent from labels and predictions), ``pixel_acc``,
         ``mean_class_acc``, ``pixels`` (counted).
     """
     c = conf.double()
-    tp = c.diag()
-    truth, predicted = c.sum(1), c.sum(0)
+    k = c.shape[0]
+    tp = c[:, :k].diag()
+    truth, predicted = c.sum(1), c[:, :k].sum(0)
     union = truth + predicted - tp
     iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
     total = c.sum()
@@ -133,8 +137,9 @@ def pixels_fixed_broken(pred: Tensor, reference: Tensor, target: Tensor, ignore_
 def _miou_of(conf: Tensor) -> Tensor:
     """mIoU (percent) of each summed confusion matrix ``(R, K, K)``."""
     c = conf.double()
-    tp = torch.diagonal(c, dim1=-2, dim2=-1)
-    union = c.sum(-1) + c.sum(-2) - tp
+    k = c.shape[-2]
+    tp = torch.diagonal(c[..., :k], dim1=-2, dim2=-1)
+    union = c.sum(-1) + c[..., :k].sum(-2) - tp
     iou = tp / union.clamp_min(1)
     present = union > 0
     return 100.0 * (iou * present).sum(-1) / present.sum(-1).clamp_min(1)
@@ -144,7 +149,7 @@ def miou_difference(conf_a: Tensor, conf_b: Tensor, *, resamples: int = 1000, se
     """Paired bootstrap over images of mIoU(b) − mIoU(a), recomputing the set's confusion matrix per resample.
 
     Args:
-        conf_a: Per-image confusion matrices of the reference ``(N, K, K)``.
+        conf_a: Per-image confusion matrices of the reference ``(N, K, K)`` or ``(N, K, K + 1)``.
         conf_b: Those of the method, same images in the same order.
     """
     if conf_a.shape != conf_b.shape or conf_a.dim() != 3:
@@ -175,6 +180,7 @@ class DenseMeter:
     bands: tuple[int, ...] = (3,)
     per_image: list[Tensor] = field(default_factory=list)
     per_band: dict[int, Tensor] = field(default_factory=dict)
+    per_interior: dict[int, Tensor] = field(default_factory=dict)
     fixed: int = 0
     broken: int = 0
 
@@ -188,6 +194,8 @@ class DenseMeter:
             band = boundary_band(target, k)
             conf = confusion_matrix(pred, target, self.num_classes, self.ignore_index, band)
             self.per_band[k] = self.per_band.get(k, torch.zeros_like(conf)) + conf
+            conf = confusion_matrix(pred, target, self.num_classes, self.ignore_index, ~band)
+            self.per_interior[k] = self.per_interior.get(k, torch.zeros_like(conf)) + conf
         if reference is not None:
             f, b = pixels_fixed_broken(pred, reference.cpu(), target, self.ignore_index)
             self.fixed += f
@@ -195,15 +203,17 @@ class DenseMeter:
 
     @property
     def confusion(self) -> Tensor:
-        """The set's confusion matrix ``(K, K)``."""
+        """The set's confusion matrix ``(K, K + 1)``."""
         if not self.per_image:
-            return torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
+            return torch.zeros(self.num_classes, self.num_classes + 1, dtype=torch.long)
         return torch.stack(self.per_image).sum(0)
 
     def scores(self) -> dict[str, float | list[float] | int]:
-        """The set's scores, boundary mIoU per band as ``boundary_miou_k{k}``, and pixels fixed/broken."""
+        """The set's scores, mIoU within / beyond ``k`` pixels of a label edge (``boundary_miou_k{k}``,
+        ``interior_miou_k{k}``), and pixels fixed/broken."""
         out: dict[str, float | list[float] | int] = dict(segmentation_scores(self.confusion))
         for k, conf in self.per_band.items():
             out[f"boundary_miou_k{k}"] = segmentation_scores(conf)["miou"]
+            out[f"interior_miou_k{k}"] = segmentation_scores(self.per_interior[k])["miou"]
         out["pixels_fixed"], out["pixels_broken"] = self.fixed, self.broken
         return out
