@@ -54,7 +54,8 @@ class DenseEvalConfig:
         batch_size: Images per batch.
         bands: Boundary widths ``k`` (pixels) for boundary / interior mIoU.
         keep_maps: Keep the plain and the best-budget predictions of the first images (for plots).
-        keep_confusions: Return every row's per-image confusion matrices (``report["confusions"]``).
+        keep_confusions: Return every row's per-image confusion matrices and its boundary / interior ones
+            (``report["confusions"]``).
         seed: Seed of the random criterion and of the bootstrap.
     """
 
@@ -228,7 +229,8 @@ def evaluate_segmentation(model: nn.Module, dataset: Dataset, config: DenseEvalC
                               "search_space": [s.name for s in search.search_space],
                               "criterion": config.criterion}
     if config.keep_confusions:
-        report["confusions"] = [torch.stack(row.meter.per_image) for row in rows.values()]
+        report["confusions"] = [{"per_image": torch.stack(row.meter.per_image), "band": row.meter.per_band,
+                                 "interior": row.meter.per_interior} for row in rows.values()]
     if config.keep_maps:
         best = max((k for k in rows if k[0] == "phase" and k[1] == top), default=None,
                    key=lambda k: rows[k].meter.scores()["miou"])

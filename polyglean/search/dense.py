@@ -6,10 +6,9 @@ segmentation models do under ``"out"``). :class:`DenseSearch` runs :class:`~poly
 
 - **criteria** (:data:`DENSE_CRITERIA`, lower is expanded first): ``entropy`` — the mean over pixels of the
   normalised per-pixel entropy; ``random``; ``delta`` — ``Δx + Δy`` in input pixels.
-- **displacement** of a state in input pixels: a site on the main path at level ``L`` (the ``L``-th reduction from
-  the input) moves its output by ``(dy, dx)`` cells of its input grid, i.e. by ``(dy, dx) · Π_{l < L} R_l`` input
-  pixels; sites off the main path (e.g. the average pools of an image projection) are kept at phase 0 by the default
-  search space.
+- **displacement** of a state in input pixels: a site's phase ``(dy, dx)`` moves its output by ``(dy, dx)`` cells
+  of its input grid, i.e. by ``(dy, dx)`` times the input pixels per such cell; the default search space keeps
+  sites off the path to the output (:func:`main_path`, e.g. the average pools of an image projection) at phase 0.
 - **alignment** (the border rule): a candidate's output at pixel ``p`` shows the content at ``p + Δ`` (its sampling
   grid is displaced by ``Δ``), so it is shifted back: ``aligned[y, x] = out[y − Δy, x − Δx]``. Pixels with
   ``y < Δy`` or ``x < Δx`` have no value in that candidate; each pixel is aggregated over the candidates that cover
@@ -130,38 +129,39 @@ def _resolve(registry: Registry, value: Any, base: type) -> Any:
 
 # ------------------------------------------------------------------------------------------------ geometry
 def main_path(sites: Sequence[Site]) -> list[Site]:
-    """The sites on the main path: the first site of each level, in order (level ``L`` = the ``L``-th reduction).
+    """The sites on the path to the output: from the last site back, each continues the latest earlier site whose
+    output size is its input size (else the site before it), until a site that reads the input.
 
-    A site whose level is not above the previous main-path site's (e.g. an average pool of an image projection,
-    beside the stem) is off the main path.
+    Side branches (the average pools of an image projection beside the stem, the spatial-reduction convs of
+    efficient attention) are left out.
     """
-    chain: list[Site] = []
-    for s in sites:
-        if not chain or s.level > chain[-1].level:
-            chain.append(s)
-    return chain
+    if not sites:
+        return []
+    full = tuple(sites[0].in_size)
+    chain = [sites[-1]]
+    while tuple(chain[-1].in_size) != full and chain[-1].index > 0:
+        i = chain[-1].index
+        before = [s for s in sites[:i] if tuple(s.out_size) == tuple(chain[-1].in_size)]
+        chain.append(before[-1] if before else sites[i - 1])
+    return chain[::-1]
 
 
 def pixel_displacement(states: Tensor, sites: Sequence[Site]) -> Tensor:
-    """Displacement ``(Δy, Δx)`` of phase states in input pixels: ``Σ_l (dy_l, dx_l) · Π_{levels < level_l} R``.
+    """Displacement ``(Δy, Δx)`` of phase states in input pixels: ``Σ_l (dy_l, dx_l) · S_l``, where ``S_l`` is the
+    input pixels per cell of site ``l``'s input grid (its input size over the model's).
 
     Args:
         states: Flat phase indices ``dy * R_w + dx``, one per site.
-        sites: All the net's sites (their ``level`` and ``factor``).
+        sites: All the net's sites.
 
     Shape:
         - states: ``(..., L)``
         - output: ``(..., 2)`` int64
     """
-    scale: dict[int, tuple[int, int]] = {}
-    h = w = 1
-    for s in sorted(main_path(sites), key=lambda s: s.level):
-        scale[s.level] = (h, w)
-        h, w = h * s.factor[0], w * s.factor[1]
     dy = torch.zeros(states.shape[:-1], dtype=torch.long, device=states.device)
     dx = torch.zeros_like(dy)
     for s in sites:
-        sh, sw = scale[s.level] if s.level in scale else _scale_of(s, sites)
+        sh, sw = _scale_of(s, sites)
         rw = s.factor[1]
         dy = dy + (states[..., s.index] // rw) * sh
         dx = dx + (states[..., s.index] % rw) * sw
@@ -169,7 +169,7 @@ def pixel_displacement(states: Tensor, sites: Sequence[Site]) -> Tensor:
 
 
 def _scale_of(site: Site, sites: Sequence[Site]) -> tuple[int, int]:
-    """Input pixels per cell of a site's input grid, from its input size (sites off the main path)."""
+    """Input pixels per cell of a site's input grid, from its input size."""
     ih, iw = sites[0].in_size
     return (max(1, round(ih / site.in_size[0])), max(1, round(iw / site.in_size[1])))
 
