@@ -4,6 +4,8 @@ search on them."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from torch import nn
 
 from polyglean import PhaseNet
 from polyglean.models.segmentation import cgnet_camvid, espnet_camvid
-from polyglean.search.dense import DenseSearch
+from polyglean.search.dense import DenseSearch, main_path
 from tests.phase.test_net import lively
 from tests.reference import reference_forward
 
@@ -84,15 +86,15 @@ def _tv(name: str) -> nn.Module:
     return getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None, num_classes=5)
 
 
-# name -> (builder, (H, W))
+# name -> (builder, (H, W), output stride)
 MODELS = {
-    "fcn_resnet50": (lambda: _tv("fcn_resnet50"), (64, 64)),
-    "deeplabv3_resnet50": (lambda: _tv("deeplabv3_resnet50"), (64, 64)),
-    "deeplabv3_mobilenet_v3_large": (lambda: _tv("deeplabv3_mobilenet_v3_large"), (64, 64)),
-    "lraspp_mobilenet_v3_large": (lambda: _tv("lraspp_mobilenet_v3_large"), (64, 64)),
-    "espnet": (espnet_camvid, (32, 48)),
-    "cgnet": (cgnet_camvid, (32, 48)),
-    "segformer_style": (TinySegFormer, (64, 64)),
+    "fcn_resnet50": (lambda: _tv("fcn_resnet50"), (64, 64), 8),
+    "deeplabv3_resnet50": (lambda: _tv("deeplabv3_resnet50"), (64, 64), 8),
+    "deeplabv3_mobilenet_v3_large": (lambda: _tv("deeplabv3_mobilenet_v3_large"), (64, 64), 16),
+    "lraspp_mobilenet_v3_large": (lambda: _tv("lraspp_mobilenet_v3_large"), (64, 64), 16),
+    "espnet": (espnet_camvid, (32, 48), 8),
+    "cgnet": (cgnet_camvid, (32, 48), 8),
+    "segformer_style": (TinySegFormer, (64, 64), 32),
 }
 
 
@@ -102,7 +104,7 @@ def _out(y: object) -> torch.Tensor:
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def case(request: pytest.FixtureRequest) -> tuple[str, nn.Module, PhaseNet, torch.Tensor]:
-    build, (h, w) = MODELS[request.param]
+    build, (h, w), _ = MODELS[request.param]
     torch.manual_seed(0)
     model = lively(build())
     net = PhaseNet(model, input_size=(3, h, w))
@@ -112,10 +114,14 @@ def case(request: pytest.FixtureRequest) -> tuple[str, nn.Module, PhaseNet, torc
 
 @pytest.mark.slow
 class TestSegmentationModels:
-    def test_sites_found(self, case: tuple) -> None:
+    def test_sites_and_output_stride(self, case: tuple) -> None:
         name, _, net, _ = case
+        stride = MODELS[name][2]
         assert len(net.sites) >= 3, (name, net.sites)
-        assert all(s.factor == (2, 2) or s.factor == (4, 4) for s in net.sites), name
+        assert net.total_factor == (stride, stride), name
+        chain = main_path(net.sites)
+        assert math.prod(s.factor[0] for s in chain) == stride, (name, chain)
+        assert chain[-1] == net.sites[-1] and tuple(chain[0].in_size) == tuple(net.input_size[1:])
 
     def test_default_is_bit_exact_and_full_size(self, case: tuple) -> None:
         _, model, net, x = case
