@@ -7,7 +7,8 @@ All budgets and aggregation variants come from one search per batch; cost is rep
 (FLOPs for the search, pixels processed for image-space views).
 
 Example:
-    >>> report = evaluate_segmentation(model, dataset, DenseEvalConfig(budgets=(1, 4, 10)))  # doctest: +SKIP
+    >>> report = evaluate_segmentation(model, dataset, DenseEvalConfig(budgets=(1, 4, 10)), num_classes=11,
+    ...                                ignore_index=11)  # doctest: +SKIP
     >>> [(r["budget"], r["aggregate"], round(r["miou"], 2)) for r in report["results"]]  # doctest: +SKIP
 """
 
@@ -52,6 +53,7 @@ class DenseEvalConfig:
         tta_budget: Phase budget combined with each TTA policy (``1``: TTA alone only).
         tta_aggregate: Aggregator of the search inside a TTA view.
         batch_size: Images per batch.
+        workers: Data-loading worker processes.
         bands: Boundary widths ``k`` (pixels) for boundary / interior mIoU.
         keep_maps: Keep the plain and the best-budget predictions of the first images (for plots).
         keep_confusions: Return every row's per-image confusion matrices and its boundary / interior ones
@@ -68,6 +70,7 @@ class DenseEvalConfig:
     tta_budget: int = 1
     tta_aggregate: str = "entropy"
     batch_size: int = 2
+    workers: int = 0
     bands: tuple[int, ...] = (3,)
     keep_maps: int = 0
     keep_confusions: bool = False
@@ -87,6 +90,8 @@ class DenseEvalConfig:
                 raise ArgumentError(f"unknown TTA policy {name!r}; choose from {sorted(TTA_POLICIES)}")
         if self.tta_budget < 1:
             raise ArgumentError(f"tta_budget must be >= 1, got {self.tta_budget}")
+        if self.workers < 0:
+            raise ArgumentError(f"workers must be >= 0, got {self.workers}")
         if self.batch_size < 1:
             raise ArgumentError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.aligns:
@@ -157,7 +162,7 @@ def evaluate_segmentation(model: nn.Module, dataset: Dataset, config: DenseEvalC
                 {"budget": config.tta_budget, "aggregate": f"{config.tta_aggregate}+mean-prob", "align": True,
                  "tta": name}, meter())
 
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=config.workers)
     done, total_images = 0, len(dataset)  # type: ignore[arg-type]
     forward_flops = 0.0
     param = next(model.parameters(), None)
