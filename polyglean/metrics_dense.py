@@ -209,11 +209,14 @@ class DenseMeter:
         return torch.stack(self.per_image).sum(0)
 
     def scores(self) -> dict[str, float | list[float] | int]:
-        """The set's scores, mIoU within / beyond ``k`` pixels of a label edge (``boundary_miou_k{k}``,
-        ``interior_miou_k{k}``), and pixels fixed/broken."""
+        """The set's scores, mIoU and pixel accuracy within / beyond ``k`` pixels of a label edge
+        (``boundary_miou_k{k}``, ``interior_miou_k{k}``, ``boundary_acc_k{k}``, ``interior_acc_k{k}``; the interior
+        mIoU averages over few pixels of thin classes and jumps when a class appears or vanishes there), and pixels
+        fixed/broken."""
         out: dict[str, float | list[float] | int] = dict(segmentation_scores(self.confusion))
         for k, conf in self.per_band.items():
-            out[f"boundary_miou_k{k}"] = segmentation_scores(conf)["miou"]
-            out[f"interior_miou_k{k}"] = segmentation_scores(self.per_interior[k])["miou"]
+            band, interior = segmentation_scores(conf), segmentation_scores(self.per_interior[k])
+            out[f"boundary_miou_k{k}"], out[f"interior_miou_k{k}"] = band["miou"], interior["miou"]
+            out[f"boundary_acc_k{k}"], out[f"interior_acc_k{k}"] = band["pixel_acc"], interior["pixel_acc"]
         out["pixels_fixed"], out["pixels_broken"] = self.fixed, self.broken
         return out
