@@ -69,7 +69,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     size = preprocess.input_size if not args.input_size else (preprocess.input_size[0], *args.input_size)
     check_input_size(size, args.batch_size)
     net = phase_net(model, size)
-    search = build_search(net, budget=args.budget, criterion=args.criterion, aggregate=args.aggregate,
+    from polyglean.models import get_preset, list_models
+
+    dense = args.model in list_models() and get_preset(args.model).task == "segmentation"
+    search = build_search(net, dense=dense, budget=args.budget, criterion=args.criterion, aggregate=args.aggregate,
                           phase_stride=args.phase_stride)
     x = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(0))
     result: dict[str, Any] = {}

@@ -90,6 +90,7 @@ def add_parser(sub: Any, name: str) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_tta_arguments(p)
     _add_shift_arguments(p)
+    _add_dense_arguments(p)
 
 
 def _add_tta_arguments(p: argparse.ArgumentParser) -> None:
@@ -441,6 +442,11 @@ def plot_tta(payload: dict[str, Any], path: str) -> None:
 # ------------------------------------------------------------------------------------------------ dispatch
 def run(args: argparse.Namespace) -> int:
     """Checks the options, runs the evaluation, prints the table, writes JSON (and a plot)."""
+    if _is_dense(args):
+        return run_dense(args)
+    if args.labels or args.seg_tta or args.seg_tta_budget is not None:
+        raise ArgumentError(f"--labels, --seg-tta and --seg-tta-budget are for segmentation models; {args.model} "
+                            "is not one (e.g. --model camvid-espnet)")
     _check(args)
     if wants_tta(args):
         from polyglean.tta import save_fitted
@@ -459,4 +465,183 @@ def run(args: argparse.Namespace) -> int:
     write_results(args.json_out, payload)
     if args.plot:
         plot_results(payload["results"], f"{payload['model']} — {Path(payload['data']).name}", args.plot)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ segmentation
+def _add_dense_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "semantic segmentation (when --model is a segmentation preset, e.g. camvid-espnet)",
+        "The search runs on the output maps: --criterion entropy (mean pixel entropy), random or delta; --aggregate "
+        "mean or entropy per pixel; alignment shifts each candidate map back by its displacement (default; "
+        "--no-align, --align-both). Reports mIoU (one confusion matrix over the set), per-class IoU, pixel and mean "
+        "class accuracy, boundary/interior mIoU within 3 px of label edges, pixels fixed/broken, and each row's "
+        "mIoU change against the plain model with a paired bootstrap interval over images.")
+    g.add_argument("--labels", help="label maps sharing the images' file stems (CamVid), or gtFine/<split> beside "
+                                    "leftImg8bit/<split> (Cityscapes *_labelTrainIds.png)")
+    g.add_argument("--seg-tta", help="image-space TTA policies, comma-separated: flip, ms (scales 0.75, 1, 1.25, "
+                                     "1.5), flip+ms; each alone and, with --seg-tta-budget, combined with the search")
+    g.add_argument("--seg-tta-budget", type=int, help="phase budget searched inside every TTA view (default: TTA alone)")
+
+
+def _is_dense(args: argparse.Namespace) -> bool:
+    from polyglean.models import get_preset, list_models
+
+    return args.model in list_models() and get_preset(args.model).task == "segmentation"
+
+
+def _check_dense(args: argparse.Namespace) -> tuple[list[str], tuple[str, ...]]:
+    from polyglean.experiments.dense import TTA_POLICIES
+    from polyglean.search.dense import DENSE_AGGREGATORS, DENSE_CRITERIA
+
+    if not args.labels:
+        raise ArgumentError(f"{args.model} is a segmentation model: give its label maps with --labels DIR")
+    for flag, folder in (("--data", args.data), ("--labels", args.labels)):
+        if not Path(folder).is_dir():
+            raise ArgumentError(f"{flag} folder not found: {folder}")
+    refused = [flag for flag, given in (
+        ("--aggregator", args.aggregator), ("--subset", args.subset), ("--downsample", args.downsample),
+        ("--shift-consistency", args.shift_consistency), ("--tta", wants_tta(args)),
+        ("--aggregate-on logits", args.aggregate_on == "logits"),
+        *((f"--{f.replace('_', '-')}", getattr(args, f) is not None) for f in TTA_FLAGS)) if given]
+    if refused:
+        raise ArgumentError(f"{', '.join(refused)}: not supported for segmentation models (image-space TTA: "
+                            "--seg-tta)")
+    aggregates = refuse_repeats("--aggregate", names(args.aggregate))
+    for name in aggregates:
+        DENSE_AGGREGATORS.get(name)
+    DENSE_CRITERIA.get(args.criterion)
+    if args.no_align and args.align_both:
+        raise ArgumentError("--no-align and --align-both contradict each other; give one")
+    tta = tuple(refuse_repeats("--seg-tta", names(args.seg_tta or "")))
+    for name in tta:
+        if name not in TTA_POLICIES:
+            raise ArgumentError(f"--seg-tta {name!r}: choose from {', '.join(TTA_POLICIES)}")
+    if args.seg_tta_budget is not None and not tta:
+        raise ArgumentError("--seg-tta-budget applies to --seg-tta views; add --seg-tta or drop it")
+    if args.seg_tta_budget is not None and args.seg_tta_budget < 2:
+        raise ArgumentError(f"--seg-tta-budget must be >= 2 (1 is TTA alone, always reported), got "
+                            f"{args.seg_tta_budget}")
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1),
+                             ("--workers", args.workers, 0), ("--budgets", args.budgets[0], 1)):
+        if value is not None and value < low:
+            raise ArgumentError(f"{flag} must be >= {low}, got {value}")
+    check_outputs(json=args.json_out, plot=args.plot)
+    return aggregates, tta
+
+
+def evaluate_dense(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs the segmentation evaluation ``args`` describe and returns the JSON payload (and maps for a plot)."""
+    from torch.utils.data import Subset
+
+    from polyglean.data.segmentation import SegmentationDataset
+    from polyglean.experiments.dense import DenseEvalConfig, evaluate_segmentation
+    from polyglean.models import get_preset
+
+    aggregates, tta = _check_dense(args)
+    preset = get_preset(args.model)
+    model, preprocess = load_model(args.model, args.weights)
+    dataset: Any = SegmentationDataset(args.data, args.labels, preprocess, num_classes=preset.num_classes,
+                                       ignore_index=preset.ignore_index)
+    if args.limit is not None and args.limit < len(dataset):
+        dataset = Subset(dataset, list(range(args.limit)))
+    aligns = (True, False) if args.align_both else (not args.no_align,)
+    config = DenseEvalConfig(
+        budgets=tuple(args.budgets), aggregates=tuple(aggregates), aligns=aligns, criterion=args.criterion,
+        search_space=tuple(args.search_space) if args.search_space else None, tta=tta,
+        tta_budget=args.seg_tta_budget or 1, tta_aggregate=aggregates[0], batch_size=args.batch_size,
+        workers=args.workers if args.workers != 1 else 0, keep_maps=4 if args.plot else 0, seed=args.seed)
+    with Bars(args.model, not args.no_progress) as bars:
+        report = evaluate_segmentation(model, dataset, config, num_classes=preset.num_classes,
+                                       ignore_index=preset.ignore_index, input_size=preprocess.input_size,
+                                       progress=lambda done, total: bars("images", done, total))
+    payload = {
+        **_header(args), "labels": str(args.labels), "task": "segmentation",
+        "config": {"criterion": args.criterion, "aggregate": aggregates, "align": list(aligns),
+                   "budgets": list(args.budgets), "search_space": report["search_space"], "sites": report["sites"],
+                   "tta": list(tta), "tta_budget": config.tta_budget, "batch_size": args.batch_size,
+                   "limit": args.limit, "seed": args.seed, "classes": list(preset.class_names),
+                   "ignore_index": preset.ignore_index,
+                   "reference": "the plain model (budget 1); miou in percent; miou_delta: paired bootstrap over "
+                                "images recomputing the set's confusion-matrix mIoU, 95%"},
+        "num_images": report["num_images"], "results": report["results"],
+    }
+    if "maps" in report:
+        payload["_maps"] = report["maps"]
+        payload["_dataset"] = dataset
+    return payload
+
+
+def format_dense(payload: dict[str, Any]) -> str:
+    """A plain-text table of the segmentation rows."""
+    cfg = payload["config"]
+    head = (f"{payload['model']} on {payload['data']} ({payload['num_images']} images)  criterion={cfg['criterion']} "
+            f"search={','.join(cfg['search_space'])}  (miou, boundary within 3 px: percent; d_miou: change against "
+            "the plain model with its 95% interval; fixed/broken: pixels; fwd_eq: forward equivalents)")
+    cols = ("tta", "aggregate", "align", "budget", "miou", "d_miou [95% CI]", "pixel_acc", "class_acc",
+            "boundary3", "fixed", "broken", "fwd_eq", "s/img")
+    rows = []
+    for r in payload["results"]:
+        d = r.get("miou_delta")
+        cell = f"{d['delta']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]" if d else "-"
+        rows.append((r["tta"], r["aggregate"], "yes" if r["align"] else "no", str(r["budget"]), f"{r['miou']:.2f}",
+                     cell, f"{r['pixel_acc']:.2f}", f"{r['mean_class_acc']:.2f}", f"{r['boundary_miou_k3']:.2f}",
+                     str(r["pixels_fixed"]), str(r["pixels_broken"]), f"{r['forward_equivalents']:.2f}",
+                     f"{r['seconds_per_image']:.2f}"))
+    return table(cols, rows, head)
+
+
+def plot_dense(payload: dict[str, Any], path: str) -> None:
+    """For a few images: image, ground truth, plain, searched and where the two differ, in the preset's palette."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    from polyglean.models import get_preset
+
+    preset = get_preset(payload["model"])
+    palette = np.array([*preset.palette, (0, 0, 0)], dtype=np.uint8)  # void / other: black
+    dataset = payload["_dataset"]
+    base = dataset.dataset if hasattr(dataset, "dataset") else dataset
+    maps = payload["_maps"]
+    n = len(maps["plain"])
+    fig, axes = plt.subplots(n, 5, figsize=(15, 2.4 * n), constrained_layout=True, squeeze=False)
+    row_meta = maps["searched_row"] or {}
+    titles = ("image", "ground truth", "plain", f"searched B={row_meta.get('budget')} {row_meta.get('aggregate')}",
+              "changed: green fixed, red broken, white other")
+    for i in range(n):
+        image_path, _ = base.samples[i]
+        label = base.read_label(i).numpy()
+        plain, searched = maps["plain"][i].numpy(), maps["searched"][i].numpy()
+        void = len(palette) - 1
+
+        def paint(m: Any) -> Any:
+            return palette[np.clip(m, 0, void)]
+
+        diff = np.zeros((*label.shape, 3), dtype=np.uint8)
+        changed = plain != searched
+        diff[changed] = 255
+        labelled = label != preset.ignore_index
+        diff[changed & labelled & (searched == label)] = (0, 200, 0)
+        diff[changed & labelled & (plain == label)] = (220, 0, 0)
+        panels = (np.asarray(Image.open(image_path).convert("RGB")), paint(label), paint(plain), paint(searched), diff)
+        for j, panel in enumerate(panels):
+            axes[i, j].imshow(panel)
+            axes[i, j].axis("off")
+            if i == 0:
+                axes[i, j].set_title(titles[j], fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_dense(args: argparse.Namespace) -> int:
+    """The segmentation path of ``polyglean eval``."""
+    payload = evaluate_dense(args)
+    print(format_dense(payload))
+    write_results(args.json_out, {k: v for k, v in payload.items() if not k.startswith("_")})
+    if args.plot:
+        plot_dense(payload, args.plot)
     return 0

@@ -7,6 +7,7 @@ This is an application layer: it uses the search, the aggregators, TTA, data and
 """
 
 from polyglean.experiments.classification import ClassificationConfig, ClassificationResult, evaluate_classification
+from polyglean.experiments.dense import DenseEvalConfig, evaluate_segmentation
 from polyglean.experiments.common import (
     ImageSelection,
     Outcomes,
@@ -23,7 +24,7 @@ from polyglean.experiments.shift import ShiftConsistency, load_eval_model, shift
 from polyglean.experiments.tta import TTAConfig, TTAEvalResult, evaluate_tta
 
 __all__ = [
-    "ClassificationConfig", "ClassificationResult", "ImageSelection", "Outcomes", "Progress", "ShiftConsistency",
+    "ClassificationConfig", "ClassificationResult", "DenseEvalConfig", "evaluate_segmentation", "ImageSelection", "Outcomes", "Progress", "ShiftConsistency",
     "TTAConfig", "TTAEvalResult", "base_samples", "build_search", "check_input_size", "compare", "data_fingerprint",
     "evaluate_classification", "evaluate_tta", "load_eval_model", "model_classes", "select_images",
     "shift_consistency",

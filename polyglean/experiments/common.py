@@ -187,15 +187,17 @@ def metrics_row(logits: Tensor, labels: Tensor, reference: Outcomes | None) -> t
     return row, outcomes
 
 
-def build_search(net: Any, **settings: Any) -> Any:
-    """A :class:`~polyglean.search.PhaseSearch` of ``net``; the settings it refuses (a budget beyond the search
-    space's states, an unknown site, an aggregator that needs a trained module) raise :class:`ArgumentError`.
+def build_search(net: Any, *, dense: bool = False, **settings: Any) -> Any:
+    """A :class:`~polyglean.search.PhaseSearch` of ``net`` (a :class:`~polyglean.search.dense.DenseSearch` when
+    ``dense``); the settings it refuses (a budget beyond the search space's states, an unknown site, an aggregator
+    that needs a trained module) raise :class:`ArgumentError`.
     """
     from polyglean.errors import PolygleanError
     from polyglean.search import PhaseSearch
+    from polyglean.search.dense import DenseSearch
 
     try:
-        return PhaseSearch(net, **settings)
+        return (DenseSearch if dense else PhaseSearch)(net, **settings)
     except ValueError as err:
         if isinstance(err, PolygleanError):
             raise

@@ -258,7 +258,7 @@ class PhaseSearch:
             new = self._evaluate(requests, entry, stop, seg_flops)
             flops += new["flops"]
             evaluated += len(new["rows"])
-            shift = net.displacement(torch.tensor([r[1] for r in new["rows"]]), space[0])
+            shift = self._displacement(torch.tensor([r[1] for r in new["rows"]]))
             scores = self.criterion.score(new["logits"], shift, generator)
             for row, (image, state, depth, cache) in enumerate(new["rows"]):
                 cands[image].append(_Candidate(state, depth, float(scores[row]), new["logits"][row], cache,
@@ -268,6 +268,11 @@ class PhaseSearch:
                 self._rescore(cands, space[0], generator)
         result = self._aggregate(cands, wanted, space[0], flops, evaluated, n, root_logits, seconds)
         return result
+
+    def _displacement(self, states: Tensor) -> Tensor:
+        """``(..., 2)`` displacements of flat phase states ``(..., L)`` (a dense search measures them in input
+        pixels)."""
+        return self.net.displacement(states, self.search_space[0].index)
 
     def _finish(self, out: Any) -> tuple[Tensor, Tensor | None]:
         """Logits (and the final feature maps) from a run that stopped before the head or ran to the output."""
@@ -365,7 +370,7 @@ class PhaseSearch:
         with_features = getattr(self.criterion, "needs_features", False)
         for pool in cands:
             logits = torch.stack([c.logits for c in pool])
-            shift = self.net.displacement(torch.tensor([c.state for c in pool]), first)
+            shift = self._displacement(torch.tensor([c.state for c in pool]))
             if with_features:
                 for c, d in zip(pool, shift):
                     if c.aligned is None:
@@ -386,7 +391,7 @@ class PhaseSearch:
         """Aggregates at each budget; ``seconds[b]`` is when every image had ``b`` candidates (plus aggregation)."""
         net = self.net
         states = torch.tensor([[c.state for c in pool] for pool in cands])
-        shift = net.displacement(states, first)
+        shift = self._displacement(states)
         logits = torch.stack([torch.stack([c.logits for c in pool]) for pool in cands])
         scores = torch.tensor([[c.score for c in pool] for pool in cands])
         seg_flops = net.segment_flops()
