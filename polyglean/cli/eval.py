@@ -218,7 +218,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         for b in args.budgets:
             row = {"aggregate": a, "align": al, "budget": b,
                    **classification_metrics(torch.cat(logits[(a, al, b)]), target, reference)}
-            row.update(n_images=len(target), seconds=seconds[b], forward_equivalents=flops[b] / forward)
+            row.update(n_images=len(target), seconds=seconds[b], forward_equivalents=flops[b] / forward,
+                       correct=_outcomes(torch.cat(logits[(a, al, b)]), target))
             results.append(row)
     plain = torch.cat(logits[(variants[0][0], variants[0][1], 1)]) if 1 in args.budgets else None
     for al, parts in module_alone.items():
@@ -226,7 +227,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         # What it gains here is adaptation of the features to the training data, not gleaned phases.
         row = {"aggregate": "learned@default", "align": al, "budget": 1,
                **classification_metrics(torch.cat(parts), target, plain)}
-        row.update(n_images=len(target), seconds=seconds.get(1, 0.0), forward_equivalents=1.0)
+        row.update(n_images=len(target), seconds=seconds.get(1, 0.0), forward_equivalents=1.0,
+                   correct=_outcomes(torch.cat(parts), target))
         results.append(row)
     shift_consistency = eval_shift.measure(args, model, preprocess, dataset)
     return {
@@ -245,9 +247,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "results": results,
+        "labels": target.tolist(),
         "downsample": args.downsample,
         **({"shift_consistency": shift_consistency} if shift_consistency else {}),
     }
+
+
+def _outcomes(logits: torch.Tensor, target: torch.Tensor) -> str:
+    """Per-image top-1 outcomes in data-set order, ``"1"`` right and ``"0"`` wrong (for paired statistics)."""
+    return "".join("1" if c else "0" for c in (logits.argmax(-1) == target).tolist())
 
 
 def _learned_aggregators(args: argparse.Namespace, model: torch.nn.Module) -> dict[bool, Any]:

@@ -62,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tta-fit-limit", type=int, help="fit on N images of --tta-fit-data, evenly spread")
     g.add_argument("--tta-fit-part", choices=PARTS, default="all",
                    help="fit on the even- or odd-numbered images of --tta-fit-data (file order), before --tta-fit-limit")
+    g.add_argument("--tta-fit-subset", help="fit on START:STOP of a fixed shuffled order of --tta-fit-data (as "
+                                            "--subset does for --data; e.g. 0:2000 with --subset 2000:)")
     g.add_argument("--tta-data-part", choices=PARTS, default="all",
                    help="evaluate the even- or odd-numbered images of --data (file order), before --limit")
     g.add_argument("--tta-weights", help="load fitted TTA state from this file instead of fitting")
@@ -172,7 +174,7 @@ def collect_views(search: Any, augs: list[Any], dataset: Dataset[Any], budgets: 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the TTA evaluation that ``args`` describe and returns the JSON payload."""
-    from polyglean.data import ImageDataset, limit_dataset
+    from polyglean.data import ImageDataset, limit_dataset, parse_subset, subset_dataset
     from polyglean.models import load_model
     from polyglean.phase.net import PhaseNet
     from polyglean.search import PhaseSearch
@@ -195,10 +197,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 "align": align, "aggregate_on": args.aggregate_on, "seed": args.seed,
                 "search_space": [s.name for s in search.search_space]}
 
-    def views_of(root: str, part: str, limit: int | None, what: str) -> Any:
+    def views_of(root: str, part: str, limit: int | None, what: str, subset: str | None) -> Any:
         dataset = ImageDataset(root, preprocess, num_classes=num_classes)  # checks the labels' range
+        if subset:
+            dataset = subset_dataset(dataset, *parse_subset(subset))
         dataset = limit_dataset(_part(dataset, part), limit, spread=True)
-        key = {**settings, "data": str(Path(root).resolve()), "part": part, "limit": limit}
+        key = {**settings, "data": str(Path(root).resolve()), "part": part, "limit": limit,
+               **({"subset": subset} if subset else {})}
         return collect_views(search, policy, dataset, phase_budgets, key=key, cache=args.tta_cache,
                              batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
                              desc=f"{args.model} {what}")
@@ -209,8 +214,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         states = load_fitted(args.tta_weights, model=args.model, policy=args.tta_policy, views=view_names)
     fit_views = None
     if needs_fit and not args.tta_weights:
-        fit_views = views_of(args.tta_fit_data, args.tta_fit_part, args.tta_fit_limit, "fit")
-    test = views_of(args.data, args.tta_data_part, args.limit, "eval")
+        fit_views = views_of(args.tta_fit_data, args.tta_fit_part, args.tta_fit_limit, "fit", args.tta_fit_subset)
+    test = views_of(args.data, args.tta_data_part, args.limit, "eval", args.subset)
     assert test.labels is not None
     target = test.labels
     reference = test.at(1)[:, 0]
@@ -247,7 +252,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 fwd, seconds = test.cost(used, b)
                 row.update(views=[view_names[i] for i in used], b_image=len(used), b_total=len(used) * b,
                            **classification_metrics(logits, target, reference), n_images=len(target),
-                           forward_equivalents=fwd, seconds=seconds, fit_seconds=fit_seconds)
+                           forward_equivalents=fwd, seconds=seconds, fit_seconds=fit_seconds,
+                           correct="".join("1" if c else "0" for c in (logits.argmax(-1) == target).tolist()))
                 results.append(row)
     if args.tta_save:
         if not fits:
@@ -262,7 +268,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             "phase_budgets": list(args.budgets), "criterion": args.criterion, "aggregate": aggregate,
             "aggregate_on": args.aggregate_on, "align": align, "search_space": settings["search_space"],
             "data_part": args.tta_data_part, "limit": args.limit, "fit_data": args.tta_fit_data,
-            "fit_part": args.tta_fit_part, "fit_limit": args.tta_fit_limit,
+            "fit_part": args.tta_fit_part, "fit_limit": args.tta_fit_limit, "subset": args.subset,
+            "fit_subset": args.tta_fit_subset,
             "fit_images": None if fit_views is None else int(fit_views.logits.shape[2]),
             "tta_weights": args.tta_weights, "batch_size": args.batch_size, "seed": args.seed,
             "tta_seed": args.tta_seed,
@@ -270,6 +277,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "results": results,
+        "labels": target.tolist(),
     }
 
 
