@@ -93,7 +93,7 @@ class Run:
         record = _record_path(path)
         if not record.is_file():  # a result made by hand with the same command: adopted
             return True
-        return _essential(json.loads(record.read_text())["argv"]) == _essential(self.argv(ctx))
+        return _essential(json.loads(record.read_text())["argv"]) == _essential(portable(self.argv(ctx), ctx))
 
 
 @dataclass
@@ -115,6 +115,11 @@ EXPERIMENTS: dict[str, Experiment] = {}
 
 def _record_path(result: Path) -> Path:
     return result.with_name(result.name + ".cmd.json")
+
+
+def portable(argv: list[str], ctx: Context) -> list[str]:
+    """``argv`` with the data and output folders written as ``$DATA`` / ``$OUT`` (records survive a move)."""
+    return [a.replace(str(ctx.out), "$OUT").replace(str(ctx.data), "$DATA") for a in argv]
 
 
 def _essential(argv: list[str]) -> list[str]:
@@ -608,7 +613,8 @@ def run_one(ctx: Context, run: Run, log: Callable[[str], None]) -> bool:
     if code != 0 or not result.is_file():
         log(f"FAILED {run.name} (exit {code}); see {logfile}")
         return False
-    _record_path(result).write_text(json.dumps({"argv": run.argv(ctx), "seconds": time.time() - tick}) + "\n")
+    _record_path(result).write_text(json.dumps({"argv": portable(run.argv(ctx), ctx),
+                                                "seconds": time.time() - tick}) + "\n")
     log(f"done {run.name} in {time.time() - tick:.0f} s")
     return True
 

@@ -62,9 +62,13 @@ def test_cached_result_is_reused_and_a_changed_command_is_not(tmp_path: Path) ->
     result.parent.mkdir(parents=True)
     result.write_text("{}")
     assert run.done(ctx)  # made by hand: adopted
-    rep._record_path(result).write_text(json.dumps({"argv": run.argv(ctx) + ["--device", "cuda"]}))
+    recorded = rep.portable(run.argv(ctx), ctx)
+    assert "$DATA/cifar10/test" in recorded and "$OUT/runs/cifar10-resnet20-entropy.json" in recorded
+    rep._record_path(result).write_text(json.dumps({"argv": recorded + ["--device", "cuda"]}))
     assert run.done(ctx)  # the device does not change what is computed
-    rep._record_path(result).write_text(json.dumps({"argv": run.argv(ctx)[:-4]}))
+    moved = rep.Context(tmp_path / "elsewhere", tmp_path / "out", None, None, sys.executable)
+    assert run.done(moved)  # nor where the data lies
+    rep._record_path(result).write_text(json.dumps({"argv": recorded[:-4]}))
     assert not run.done(ctx)
 
 
