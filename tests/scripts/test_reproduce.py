@@ -38,7 +38,7 @@ def test_fit_and_report_parts_are_disjoint() -> None:
     for name in ("cifar10-resnet20-learned", "cifar10-resnet20-tta-flip"):
         argv = rep.RUNS[name].argv(ctx)
         assert argv[argv.index("--subset") + 1] == "2000:"
-    tta = rep.RUNS["cifar10-resnet20-tta-expanded"].argv(ctx)
+    tta = rep.RUNS["cifar10-resnet20-tta-flip-scales"].argv(ctx)
     assert tta[tta.index("--tta-fit-subset") + 1] == "0:2000"
 
 
