@@ -594,6 +594,16 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run_one(ctx: Context, run: Run, log: Callable[[str], None]) -> bool:
     """Runs ``run`` unless it is done; True when its result exists afterwards."""
     if run.done(ctx):
@@ -607,13 +617,28 @@ def run_one(ctx: Context, run: Run, log: Callable[[str], None]) -> bool:
         partial = result.with_name(result.name.replace("-slim", ""))
         if partial.is_file() and "--resume" not in argv:
             argv += ["--resume"]
+    lock = result.with_name(result.name + ".lock")
+    try:  # another invocation running the same command: leave it to that one
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        pid = int(lock.read_text() or 0) if lock.is_file() else 0
+        if pid and _alive(pid):
+            log(f"skipping {run.name}: process {pid} is running it")
+            return False
+        lock.unlink(missing_ok=True)  # left by an interrupted run
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
     log(f"running {run.name}: {ctx.python} {' '.join(shlex.quote(a) for a in argv)}")
     logfile = ctx.out / "logs" / f"{run.name}.log"
     logfile.parent.mkdir(parents=True, exist_ok=True)
     tick = time.time()
-    with open(logfile, "w") as f:
-        code = subprocess.run([ctx.python, *argv], cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT,
-                              check=False).returncode
+    try:
+        with open(logfile, "w") as f:
+            code = subprocess.run([ctx.python, *argv], cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT,
+                                  check=False).returncode
+    finally:
+        lock.unlink(missing_ok=True)
     if code != 0 or not result.is_file():
         log(f"FAILED {run.name} (exit {code}); see {logfile}")
         return False
