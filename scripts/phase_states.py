@@ -19,11 +19,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from polyglean.cli.eval import machine, write_json_atomic
 from polyglean.data import ImageDataset, limit_dataset, parse_subset, subset_dataset
 from polyglean.models import load_model
 from polyglean.phase.net import PhaseNet
 from polyglean.search import PhaseSearch, SearchResult
+from polyglean.io import write_json as write_json_atomic
+from polyglean.provenance import machine
 
 
 def subset(result: SearchResult, index: torch.Tensor) -> SearchResult:

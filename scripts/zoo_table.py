@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from polyglean.cli.eval import machine, write_json_atomic
 from polyglean.finetune import build_model
+from polyglean.io import write_json as write_json_atomic
+from polyglean.provenance import machine
 
 
 def throughput(models: list[torch.nn.Module], input_size: tuple[int, ...], batch: int, repeats: int
