@@ -296,6 +296,35 @@ def _phase_table(payload: dict[str, Any], budgets: Iterable[int], variants: list
     return "\n".join(lines)
 
 
+def verdict(found: list[tuple[str, dict[str, Any]]]) -> str:
+    """One generated sentence: which changes against the plain model have an interval that excludes zero."""
+    gains = [f"{what} ({c['delta']:+.2f})" for what, c in found if c["significant"] and c["delta"] > 0]
+    losses = [f"{what} ({c['delta']:+.2f})" for what, c in found if c["significant"] and c["delta"] < 0]
+    if not gains and not losses:
+        return (f"No change against the plain model has a 95% interval that excludes zero ({len(found)} "
+                "compared): on these images no row is a gain or a loss.")
+    parts = []
+    if gains:
+        parts.append("gains (interval above zero): " + "; ".join(gains))
+    if losses:
+        parts.append("losses (interval below zero): " + "; ".join(losses))
+    return f"Of {len(found)} changes against the plain model, " + ". ".join(parts) + "; every other one is noise."
+
+
+def _phase_changes(payload: dict[str, Any], budgets: Iterable[int], variants: list[tuple[str, bool]]
+                   ) -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for agg, al in variants:
+        if not _rows(payload, aggregate=agg, align=al):
+            continue
+        ref = _one(payload, aggregate=agg, align=al, budget=1)
+        for b in budgets:
+            if b != 1 and _rows(payload, aggregate=agg, align=al, budget=b):
+                found.append((f"{agg}{', aligned' if al else ', not aligned'}, B={b}",
+                              change(ref, _one(payload, aggregate=agg, align=al, budget=b))))
+    return found
+
+
 def _images(payload: dict[str, Any]) -> int:
     return int(payload["results"][0]["n_images"])
 
@@ -312,7 +341,8 @@ def render_phase(run: str, what: str) -> Callable[[Context, dict[str, Any]], str
                 f"{{{', '.join(cfg['search_space'])}}}; one search pass for all rows. Each cell: top-1 (%), then the "
                 "change against B=1 in points with its 95% paired bootstrap interval (bold: the interval excludes "
                 "zero).\n\n")
-        return text + _phase_table(p, [1, 4, 10, 15], PHASE_VARIANTS)
+        return (text + _phase_table(p, [1, 4, 10, 15], PHASE_VARIANTS) + "\n\n"
+                + verdict(_phase_changes(p, [4, 10, 15], PHASE_VARIANTS)))
     return render
 
 
@@ -324,6 +354,7 @@ def render_criteria(ctx: Context, _: dict[str, Any]) -> str:
         if not payloads:
             continue
         budgets = [2, 4, 8, 10, 15, 16]
+        found: list[tuple[str, dict[str, Any]]] = []
         head = ["criterion"] + [f"B={b}" for b in budgets] + ["fixed / broken at 10 (p)"]
         lines = [f"ResNet-{depth}, mean aggregation, aligned, {_images(next(iter(payloads.values()))):,} images "
                  "(change against B=1 [95% CI]):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -336,7 +367,8 @@ def render_criteria(ctx: Context, _: dict[str, Any]) -> str:
             ch = change(ref, _one(p, aggregate="mean", align=True, budget=10))
             cells.append(f"{ch['fixed']} / {ch['broken']} ({fmt_p(ch['p'])})")
             lines.append("| " + " | ".join(cells) + " |")
-        parts.append("\n".join(lines))
+            found += [(f"{c}, B={b}", change(ref, _one(p, aggregate="mean", align=True, budget=b))) for b in budgets]
+        parts.append("\n".join(lines) + "\n\n" + verdict(found))
     return "\n\n".join(parts)
 
 
@@ -359,7 +391,9 @@ def render_learned(ctx: Context, _: dict[str, Any]) -> str:
         text += (f"Training: {training.get('train', {}).get('images')} images, validation "
                  f"{training.get('val', {}).get('images')}, {training.get('epochs')} epochs, lr {training.get('lr')}, "
                  f"B={training.get('budget')}, random criterion.\n\n")
-    return text + table
+    found = _phase_changes(p, [4, 10, 15], variants)
+    found += [("learned@default", change(ref, r)) for r in _rows(p, aggregate="learned@default")]
+    return text + table + "\n\n" + verdict(found)
 
 
 TTA_RUNS = ["cifar10-resnet20-tta-flip", "cifar10-resnet20-tta-flip-scales"]
@@ -406,12 +440,15 @@ def render_tta(ctx: Context, _: dict[str, Any]) -> str:
              "budget it is evaluated at. Phase search: criterion entropy, entropy aggregation, aligned. Rows in order "
              "of cost; the change is against the plain model.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    found = []
     for r, ref in sorted(rows, key=lambda t: (t[0]["forward_equivalents"], t[0]["top1"])):
         c = change(ref, r)
+        if r["b_image"] * r["phase_budget"] > 1:
+            found.append((f"{_tta_label(r)} {r['b_image']}×{r['phase_budget']}", c))
         lines.append(f"| {_tta_label(r)} | {r['b_image']} × {r['phase_budget']} = {r['b_image'] * r['phase_budget']} "
                      f"| {r['top1']:.2f} | {fmt_change(c)} | {c['fixed']} / {c['broken']} ({fmt_p(c['p'])}) "
                      f"| {r['nll']:.3f} | {r['ece']:.2f} | {r['forward_equivalents']:.2f} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + verdict(found)
 
 
 def render_states(ctx: Context, _: dict[str, Any]) -> str:
@@ -502,6 +539,7 @@ def _points(ctx: Context, model: str) -> list[tuple[str, list[tuple[float, float
 def figure_for(model: str, title: str) -> Callable[[Context, dict[str, Any], Path], None]:
     def draw(ctx: Context, _: dict[str, Any], path: Path) -> None:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -516,6 +554,9 @@ def figure_for(model: str, title: str) -> Callable[[Context, dict[str, Any], Pat
             ax.errorbar(xs, ys, yerr=[[y - lo_ for y, lo_ in zip(ys, lo)], [hi_ - y for y, hi_ in zip(ys, hi)]],
                         fmt=style, ms=3.5, lw=1, capsize=2, label=label, color=plt.cm.tab20(i % 20))
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if v in (2, 3, 5, 20, 30) else ""))
+        ax.axhline(series[0][1][0][1], color="grey", lw=0.8, ls="--", label="plain model")
         ax.set_xlabel("cost (forward-pass equivalents, FLOPs; log scale)")
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3, which="both")
