@@ -85,8 +85,11 @@ class Run:
     argv: Callable[[Context], list[str]]
     result: Callable[[Context], Path]
     device_flag: str | None = "eval"  # the polyglean command whose --help must list --device to pass it
+    only_for: str | None = None  # an intermediate (a trained module): not needed once this run's result exists
 
     def done(self, ctx: Context) -> bool:
+        if self.only_for is not None and RUNS[self.only_for].done(ctx):
+            return True
         path = self.result(ctx)
         if not path.is_file():
             return False
@@ -195,7 +198,7 @@ def _train_argv(ctx: Context) -> list[str]:
 
 
 RUNS["cifar10-resnet20-agg"] = Run("cifar10-resnet20-agg", _train_argv, lambda ctx: ctx.work / "r20-agg-slim.pt",
-                                   device_flag="train-aggregator")
+                                   device_flag="train-aggregator", only_for="cifar10-resnet20-learned")
 eval_run("cifar10-resnet20-learned", "--model", "cifar10-resnet20", "--data", data("cifar10/test"), "--subset", REPORT,
          "--budgets", "1,4,10,15", "--criterion", "entropy", "--aggregate", "mean,entropy,learned",
          "--aggregator", work("r20-agg-slim.pt"), "--batch-size", "100")
