@@ -19,12 +19,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from polyglean.io import write_json as write_json_atomic
-from polyglean.provenance import machine
-from polyglean.data import ImageDataset, limit_dataset
+from polyglean.data import ImageDataset, limit_dataset, parse_subset, subset_dataset
 from polyglean.models import load_model
 from polyglean.phase.net import PhaseNet
 from polyglean.search import PhaseSearch, SearchResult
+from polyglean.io import write_json as write_json_atomic
+from polyglean.provenance import machine
 
 
 def subset(result: SearchResult, index: torch.Tensor) -> SearchResult:
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights")
     p.add_argument("--data", required=True)
     p.add_argument("--limit", type=int)
+    p.add_argument("--subset", help="START:STOP of a fixed shuffled order of the images (as polyglean eval --subset)")
     p.add_argument("--search-space", nargs="+")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--json")
@@ -55,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     search = PhaseSearch(net, budget=total, criterion="random", aggregate="mean", align=True,
                          search_space=args.search_space)
     space = search.search_space
-    dataset = limit_dataset(ImageDataset(args.data, preprocess), args.limit, spread=True)
+    dataset = ImageDataset(args.data, preprocess)
+    if args.subset:
+        dataset = subset_dataset(dataset, *parse_subset(args.subset))
+    dataset = limit_dataset(dataset, args.limit, spread=True)
     states: list[tuple[int, ...]] = [tuple(s) for s in itertools.product(*[range(x.num_phases) for x in space])]
     per_state_correct = torch.zeros(len(states))
     groups: dict[str, list[tuple[int, ...]]] = {"default only": [states[0]], "all states": states}
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [{"state": dict(zip([s.name for s in space], st)), "top1": 100 * float(c) / n}
             for st, c in zip(states, per_state_correct)]
     payload = {
-        "model": args.model, "data": args.data, "n_images": n, "search_space": [s.name for s in space],
+        "model": args.model, "data": args.data, "subset": args.subset, "n_images": n, "search_space": [s.name for s in space],
         "states": rows,
         "groups": {k: {"size": len(groups[k]), "top1": 100 * v / n} for k, v in group_correct.items()},
         "hindsight_best": {str(b): 100 * v / n for b, v in oracle_correct.items()},

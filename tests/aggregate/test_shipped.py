@@ -41,3 +41,13 @@ def test_eval_uses_the_shipped_one(shared_data: Path, tmp_path: Path) -> None:
                  "--no-progress"]) == 0
     payload = json.loads(out.read_text())
     assert payload["config"]["aggregators"]["aligned"]["path"] == str(shipped_aggregator("cifar10-resnet20"))
+
+
+def test_resnet20_aggregator_never_saw_the_report_images() -> None:
+    """The shipped ResNet-20 module was trained on positions 0-1599 of lossless cifar10/test and validated on
+    1600-1999; the README reports on 2000-4999, and cifar10/train (the model's own training data) is not used."""
+    module = load_aggregator(shipped_aggregator("cifar10-resnet20"), model="cifar10-resnet20")
+    training = module.meta["training"]
+    assert Path(training["train"]["data"]).parts[-2:] == ("cifar10", "test")
+    assert training["train"]["subset"] == "0:1600" and training["val"]["subset"] == "1600:2000"
+    assert Path(training["val"]["data"]).parts[-2:] == ("cifar10", "test")

@@ -16,6 +16,8 @@ BUILTIN = [
     "cifar10-resnet44",
     "cifar10-resnet56",
     "imagenet-efficientnet-lite0",
+    "imagenet-efficientnet-lite1",
+    "imagenet-efficientnet-lite2",
 ]
 
 
@@ -46,7 +48,8 @@ def test_builtin_presets() -> None:
     ("pattern", "expected"),
     [
         ("cifar10-*", BUILTIN[:4]),
-        ("*lite0", BUILTIN[4:]),
+        ("*lite0", BUILTIN[4:5]),
+        ("*lite[12]", BUILTIN[5:]),
         ("cifar10-resnet[24]?", ["cifar10-resnet20", "cifar10-resnet44"]),
         ("resnet*", []),
     ],
