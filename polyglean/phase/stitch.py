@@ -52,7 +52,7 @@ __all__ = [
     "StitchPlan",
     "MaskedStitch",
     "edge_mask",
-    "halo",
+    "receptive_halo",
     "plan",
     "stitch",
     "stitch_masked",
@@ -373,3 +373,269 @@ def stitch(net: PhaseNet, x: Tensor, sites: Sequence[str | int | Site] | str | i
     writer = _Writer(net, p, x.shape[0])
     _run(net, p, tuple(values), images, chunk, writer.write)
     return writer.result()
+
+
+# ------------------------------------------------------------------------------------------ content-adaptive
+_KERNEL_FUNCTIONS = {F.conv1d, F.conv2d, F.conv_transpose2d, F.max_pool2d, F.avg_pool2d, F.lp_pool2d,
+                     torch.conv2d, torch.max_pool2d}
+
+
+def receptive_halo(net: PhaseNet, p: StitchPlan) -> tuple[int, int]:
+    """How far (in pixels of the first stitched stage's entry map) an output cell's receptive field reaches.
+
+    An upper bound: the reach of every spatial op after the entry, each times the reduction before it, summed (as
+    if all lay on one path).
+
+    Raises:
+        ArgumentError: a spatial op whose reach cannot be read (a functional conv or pool, an opaque module that is
+            not part of torch.nn); pass ``halo=`` to :func:`stitch_masked` instead.
+    """
+    gm = net.discovery.graph_module
+    ops = net.discovery.ops
+    start = net.segments[p.stages[0][0]].start
+    chosen = {s.index for s in p.sites}
+    deps = _graph_deps(net, chosen)
+    factors = {s.index: s.factor for s in p.sites}
+    reach = [0, 0]
+    for pos, n in enumerate(gm.graph.nodes):
+        if pos < start:
+            continue
+        module: Any = None
+        if n.op == "call_module":
+            module = gm.get_submodule(str(n.target))
+        elif n.op == "call_function":
+            try:
+                kernel_fn = n.target in _KERNEL_FUNCTIONS
+            except TypeError:
+                kernel_fn = False
+            if kernel_fn and n not in ops:
+                raise ArgumentError(
+                    f"cannot read the receptive field of '{n.name}' ({getattr(n.target, '__name__', n.target)}); "
+                    "pass halo=(h, w) in entry-map pixels"
+                )
+        if n in ops:
+            op = ops[n][0]
+            module = getattr(op, "module", module)
+            if module is None:
+                raise ArgumentError(f"cannot read the receptive field of site op '{op.name}'; pass halo=(h, w)")
+        if module is None:
+            continue
+        kernel = getattr(module, "kernel_size", None)
+        if kernel is None:
+            if not type(module).__module__.startswith("torch.nn"):
+                raise ArgumentError(
+                    f"cannot read the receptive field of layer '{n.target}' ({type(module).__name__}); "
+                    "pass halo=(h, w) in entry-map pixels"
+                )
+            continue
+        (kh, kw), (dh, dw) = _pair(kernel), _pair(getattr(module, "dilation", 1))
+        ey, ex = (kh - 1) * dh, (kw - 1) * dw
+        pad = getattr(module, "padding", 0)
+        ph, pw = (ey, ex) if isinstance(pad, str) else _pair(pad)  # "same"/"valid": the whole extent, to be safe
+        upstream = deps[n] - ({ops[n][1]} if n in ops else set())
+        sy = math.prod(factors[i][0] for i in upstream)
+        sx = math.prod(factors[i][1] for i in upstream)
+        reach[0] += max(ph, ey - ph) * sy
+        reach[1] += max(pw, ex - pw) * sx
+    return (reach[0], reach[1])
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[-1]))
+    return (int(v), int(v))
+
+
+def edge_mask(plain: Tensor, factor: tuple[int, int], width: int) -> Tensor:
+    """Class boundaries of a coarse prediction, on the finer grid, dilated by ``width`` fine cells.
+
+    Args:
+        plain: Class scores of the plain model.
+        factor: ``(R_h, R_w)``: how much finer the stitched grid is.
+        width: Trimap width: cells within this many (Chebyshev distance) of a boundary are in the mask.
+
+    Shape:
+        - plain: ``(N, K, h, w)``
+        - output: ``(N, R_h h, R_w w)``, bool.
+    """
+    if plain.dim() != 4:
+        raise ArgumentError(f"edge_mask needs class scores (N, K, h, w), got shape {tuple(plain.shape)}")
+    if width < 0:
+        raise ArgumentError(f"trimap width must be >= 0, got {width}")
+    labels = plain.argmax(1).repeat_interleave(factor[0], 1).repeat_interleave(factor[1], 2)
+    edge = torch.zeros_like(labels, dtype=torch.bool)
+    dy = labels[:, 1:, :] != labels[:, :-1, :]
+    dx = labels[:, :, 1:] != labels[:, :, :-1]
+    edge[:, 1:, :] |= dy
+    edge[:, :-1, :] |= dy
+    edge[:, :, 1:] |= dx
+    edge[:, :, :-1] |= dx
+    if width > 0:
+        edge = F.max_pool2d(edge[:, None].to(plain.dtype), 2 * width + 1, 1, width)[:, 0] > 0
+    return edge
+
+
+def uncertain_mask(plain: Tensor, factor: tuple[int, int], threshold: float) -> Tensor:
+    """Cells whose plain prediction has a top softmax probability below ``threshold``, on the finer grid.
+
+    Shape:
+        - plain: ``(N, K, h, w)``
+        - output: ``(N, R_h h, R_w w)``, bool.
+    """
+    if plain.dim() != 4:
+        raise ArgumentError(f"uncertain_mask needs class scores (N, K, h, w), got shape {tuple(plain.shape)}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ArgumentError(f"confidence threshold must be in [0, 1], got {threshold}")
+    low = plain.softmax(1).amax(1) < threshold
+    return low.repeat_interleave(factor[0], 1).repeat_interleave(factor[1], 2)
+
+
+@dataclass
+class MaskedStitch:
+    """What :func:`stitch_masked` returns.
+
+    Attributes:
+        output: The model's output structure; each stitched leaf is the full stitching inside ``mask`` and the
+            plain output repeated ``R_h x R_w`` (nearest) outside it.
+        mask: Where the extra phases were used, ``(N, R_h h, R_w w)`` bool.
+        tiles: Number of tiles computed.
+        computed: Share of the entry map's area that the tiles' crops (halos included) ran on, summed over tiles
+            (1.0 = as much as one full stitching; can exceed 1 when many halos overlap).
+        halo: The halo used, in entry-map pixels.
+        tile: The tile size used, in cells of the finer grid.
+    """
+
+    output: Any
+    mask: Tensor
+    tiles: int
+    computed: float
+    halo: tuple[int, int]
+    tile: tuple[int, int]
+
+
+def stitch_masked(net: PhaseNet, x: Tensor, sites: Sequence[str | int | Site] | str | int | Site,
+                  mask: Tensor | Callable[[Any], Tensor], *, tile: int | tuple[int, int] | str = "auto",
+                  halo: tuple[int, int] | int | None = None, chunk: int | None = None) -> MaskedStitch:
+    """Stitching computed only where ``mask`` says: the cost falls with the mask's area.
+
+    The plain model runs once (sharing everything before the first stitched site). The finer grid is cut into
+    tiles; every tile that holds a masked cell runs all phase states on a crop of the entry map that covers the
+    tile plus ``halo`` (the receptive field it needs, rounded out to the stride), so inside the mask the result
+    equals :func:`stitch`. Outside it the plain output is kept, repeated (nearest) to the finer grid.
+
+    Args:
+        net: The model.
+        x: Input batch.
+        sites: The sites to stitch (as for :func:`stitch`).
+        mask: A bool tensor on the finer grid, or a function of the plain output that returns one (e.g.
+            ``lambda out: edge_mask(out, factor, 2)``; see :func:`edge_mask`, :func:`uncertain_mask`).
+        tile: Tile size in cells of the finer grid, or ``"auto"``: of the sizes ``max(R) · 2^k`` (up to the whole
+            map, i.e. one crop per image), the one whose crops cover the least area for this mask.
+        halo: Receptive-field reach in entry-map pixels (default: :func:`receptive_halo`, an upper bound).
+        chunk: Most states run at once within one group of tiles.
+
+    Shape:
+        - x: ``(N, C, H, W)``
+        - mask: ``(N, R_h h, R_w w)`` for a coarse output of ``(h, w)``.
+
+    Raises:
+        ArgumentError: bad sites, tile, halo or mask; an entry that is not one map of the site's input size; an
+            output leaf that depends on only some of the stitched sites.
+    """
+    _check_chunk(chunk)
+    x = net.check_input(x)
+    p = plan(net, sites)
+    if tile != "auto":
+        ty, tx = _pair(tile)
+        if ty < 1 or tx < 1:
+            raise ArgumentError(f"tile must be positive or 'auto', got {tile!r}")
+    all_ids = tuple(s.index for s in p.sites)
+    if any(leaf and leaf != all_ids for leaf in p.leaves):
+        raise ArgumentError("masked stitching needs every stitched output leaf to depend on all stitched sites")
+    reach = _pair(halo) if halo is not None else receptive_halo(net, p)
+    if reach[0] < 0 or reach[1] < 0:
+        raise ArgumentError(f"halo must be >= 0, got {halo!r}")
+    ry, rx = p.factor
+    first = p.stages[0][0]
+    n_img = x.shape[0]
+    values = tuple(net.run_to(x, first, [None] * len(net.sites)))
+    if not values or any(not isinstance(v, Tensor) or v.dim() != 4 or v.shape[-2:] != values[0].shape[-2:]
+                         for v in values):
+        raise ArgumentError(
+            f"masked stitching crops the maps live at site '{p.sites[0].name}''s entry, but they are not maps of "
+            f"one size ({[tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__ for v in values]})"
+        )
+    he, we = values[0].shape[-2:]
+    plain, _ = net.run_from(first, values, [None] * len(net.sites))
+    m = mask(plain) if callable(mask) else mask
+    leaves = _leaves(plain)
+    spatial = [k for k, leaf in enumerate(p.leaves) if leaf]
+    if not spatial:
+        raise ArgumentError("no output leaf depends on the stitched sites")
+    h, w = leaves[spatial[0]].shape[-2:]
+    if not isinstance(m, Tensor) or m.shape != (n_img, h * ry, w * rx):
+        got = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
+        raise ArgumentError(f"mask must be a bool tensor of shape {(n_img, h * ry, w * rx)}, got {got}")
+    m = m.to(device=x.device, dtype=torch.bool)
+    if abs(h * ry - he) >= ry or abs(w * rx - we) >= rx:
+        raise ArgumentError(
+            f"masked stitching needs the entry map of site '{p.sites[0].name}' ({he}x{we}) at the finer grid's "
+            f"scale ({h * ry}x{w * rx}); a site between them keeps its stride"
+        )
+    out_leaves: list[Any] = []
+    for k, leaf in enumerate(leaves):
+        if k in spatial:
+            out_leaves.append(leaf.repeat_interleave(ry, -2).repeat_interleave(rx, -1))
+        else:
+            out_leaves.append(leaf)
+    fine_h, fine_w = h * ry, w * rx
+    if tile == "auto":
+        candidates = []
+        t = max(ry, rx)
+        while True:
+            candidates.append((min(t - t % ry, fine_h), min(t - t % rx, fine_w)))
+            if t >= max(fine_h, fine_w):
+                break
+            t *= 2
+        # least crop area; among equals the larger tile (fewer, bigger batches)
+        tile_hw = min(candidates, key=lambda c: (_tiles(m, c, reach, (ry, rx), (he, we))[1], -c[0] * c[1]))
+    else:
+        tile_hw = (ty, tx)
+    groups, area, count = _tiles(m, tile_hw, reach, (ry, rx), (he, we))
+    for (ch, cw), members in groups.items():
+        crops = tuple(
+            torch.stack([v[n, :, ly:ly + ch, lx:lx + cw] for n, _, _, _, _, ly, lx in members]) for v in values
+        )
+        writer = _Writer(net, p, len(members))
+        _run(net, p, crops, torch.arange(len(members), device=x.device), chunk, writer.write)
+        stitched = _leaves(writer.result())
+        for g, (n, y0, y1, x0, x1, ly, lx) in enumerate(members):
+            sel = m[n, y0:y1, x0:x1]
+            for k in spatial:
+                src = stitched[k][g, ..., y0 - ly:y1 - ly, x0 - lx:x1 - lx]
+                dst = out_leaves[k][n, ..., y0:y1, x0:x1]
+                dst.copy_(torch.where(sel, src, dst))
+    return MaskedStitch(_rebuild(plain, out_leaves), m, count, area / float(n_img * he * we), reach, tile_hw)
+
+
+def _tiles(m: Tensor, tile: tuple[int, int], reach: tuple[int, int], factor: tuple[int, int],
+           entry: tuple[int, int]) -> tuple[dict[tuple[int, int], list[tuple[int, ...]]], int, int]:
+    """The tiles holding a masked cell, with their entry-map crops (aligned to the stride), grouped by crop size;
+    the crops' summed area; their count."""
+    (ty, tx), (ry, rx), (he, we) = tile, factor, entry
+    n_img, fine_h, fine_w = m.shape
+    gh, gw = -(-fine_h // ty), -(-fine_w // tx)
+    padded = F.pad(m.float(), (0, gw * tx - fine_w, 0, gh * ty - fine_h))
+    active = padded.reshape(n_img, gh, ty, gw, tx).amax((2, 4)) > 0
+    groups: dict[tuple[int, int], list[tuple[int, ...]]] = {}
+    area = 0
+    for n, iy, ix in active.nonzero().tolist():
+        y0, x0 = iy * ty, ix * tx
+        y1, x1 = min(fine_h, y0 + ty), min(fine_w, x0 + tx)
+        ly = max(0, (y0 - reach[0]) // ry * ry)
+        lx = max(0, (x0 - reach[1]) // rx * rx)
+        hy = min(he, -(-(y1 + reach[0]) // ry) * ry)
+        hx = min(we, -(-(x1 + reach[1]) // rx) * rx)
+        groups.setdefault((hy - ly, hx - lx), []).append((n, y0, y1, x0, x1, ly, lx))
+        area += (hy - ly) * (hx - lx)
+    return groups, area, int(active.sum())

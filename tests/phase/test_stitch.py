@@ -176,3 +176,69 @@ class TestRefusals:
         net = PhaseNet(Seg().eval(), input_size=(3, 32, 32))
         with pytest.raises(ModelError, match="'interpolate'"):
             net.stitch(torch.randn(1, 3, 32, 32), sites=[1])
+
+
+@pytest.fixture(scope="module")
+def small() -> PhaseNet:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+        nn.Conv2d(8, 8, 5, padding=2), nn.ReLU(),
+        nn.Conv2d(8, 5, 1),
+    )
+    return PhaseNet(lively(model), input_size=(3, 64, 64))
+
+
+class TestMasked:
+
+    def test_equals_full_inside_mask(self, small: PhaseNet) -> None:
+        from polyglean.phase.stitch import stitch_masked
+
+        x = torch.randn(2, 3, 96, 80)
+        sites = [1, 2]
+        with torch.no_grad():
+            full = small.stitch(x, sites)
+            plain = small(x)
+            mask = torch.rand(2, full.shape[-2], full.shape[-1]) < 0.05
+            res = stitch_masked(small, x, sites, mask, tile=(4, 6))
+        assert res.halo == (15, 15)  # strided 3x3: 1, dilated 3x3 at x2: 2*2, max pool at x2: 1*2, 5x5 at x4: 2*4
+        assert res.tiles > 1
+        inside = mask[:, None].expand_as(full)
+        assert torch.allclose(res.output[inside], full[inside], rtol=1e-5, atol=1e-5)
+        nearest = plain.repeat_interleave(4, -2).repeat_interleave(4, -1)
+        assert torch.equal(res.output[~inside], nearest[~inside])
+        with torch.no_grad():  # a halo too small to hold the receptive field: crops see false borders
+            short = stitch_masked(small, x, sites, mask, tile=(4, 6), halo=1)
+        assert not torch.allclose(short.output[inside], full[inside], rtol=1e-5, atol=1e-5)
+
+    def test_auto_tile_and_mask_functions(self, small: PhaseNet) -> None:
+        from polyglean.phase.stitch import edge_mask, stitch_masked, uncertain_mask
+
+        x = torch.randn(1, 3, 64, 64)
+        with torch.no_grad():
+            full = small.stitch(x, [1, 2])
+            res = stitch_masked(small, x, [1, 2], lambda out: edge_mask(out, (4, 4), 1))
+        inside = res.mask[:, None].expand_as(full)
+        assert torch.allclose(res.output[inside], full[inside], rtol=1e-5, atol=1e-5)
+        assert res.tile[0] % 4 == 0 and res.tile[1] % 4 == 0 and res.computed <= 1.0  # never more than full
+
+        scores = torch.tensor([[[[5.0, 0.0], [0.0, 0.0]], [[0.0, 5.0], [0.1, 0.1]]]])  # (1, 2, 2, 2)
+        labels_edge = edge_mask(scores, (2, 2), 0)
+        assert labels_edge.shape == (1, 4, 4)
+        # class 0 only at the top-left cell: the boundary is on both sides of its two fine edges
+        assert labels_edge[0].int().tolist() == [[0, 1, 1, 0], [1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
+        assert edge_mask(scores, (2, 2), 1)[0].all()
+        low = uncertain_mask(scores, (2, 2), 0.6)
+        assert low[0].int().tolist() == [[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
+
+    def test_bad_mask(self, small: PhaseNet) -> None:
+        from polyglean.phase.stitch import stitch_masked
+
+        with pytest.raises(ArgumentError, match="mask must be a bool tensor of shape \\(1, 64, 64\\)"):
+            stitch_masked(small, torch.randn(1, 3, 64, 64), [1, 2], torch.ones(1, 16, 16, dtype=torch.bool))
+        with pytest.raises(ArgumentError, match="tile"):
+            stitch_masked(small, torch.randn(1, 3, 64, 64), [1, 2], torch.ones(1, 64, 64, dtype=torch.bool), tile=0)
