@@ -231,7 +231,7 @@ class TestMasked:
         assert labels_edge.shape == (1, 4, 4)
         # class 0 only at the top-left cell: the boundary is on both sides of its two fine edges
         assert labels_edge[0].int().tolist() == [[0, 1, 1, 0], [1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
-        assert edge_mask(scores, (2, 2), 1)[0].all()
+        assert edge_mask(scores, (2, 2), 1)[0].sum() == 15 and not edge_mask(scores, (2, 2), 1)[0, 3, 3]
         low = uncertain_mask(scores, (2, 2), 0.6)
         assert low[0].int().tolist() == [[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
 
