@@ -238,7 +238,7 @@ class TestMasked:
     def test_bad_mask(self, small: PhaseNet) -> None:
         from polyglean.phase.stitch import stitch_masked
 
-        with pytest.raises(ArgumentError, match="mask must be a bool tensor of shape \\(1, 64, 64\\)"):
+        with pytest.raises(ArgumentError, match="mask must be a bool tensor of shape \\(1, 32, 32\\)"):
             stitch_masked(small, torch.randn(1, 3, 64, 64), [1, 2], torch.ones(1, 16, 16, dtype=torch.bool))
         with pytest.raises(ArgumentError, match="tile"):
-            stitch_masked(small, torch.randn(1, 3, 64, 64), [1, 2], torch.ones(1, 64, 64, dtype=torch.bool), tile=0)
+            stitch_masked(small, torch.randn(1, 3, 64, 64), [1, 2], torch.ones(1, 32, 32, dtype=torch.bool), tile=0)
