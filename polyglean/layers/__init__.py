@@ -30,7 +30,8 @@ from polyglean.layers.blurpool import (
     blur_pool3d,
 )
 from polyglean.layers.pasa import PASA2d, pasa2d, pasa_weights
-from polyglean.layers.swap import SWAP_RULES, SwapSequential, register_swap_rule, swap, swap_key_map
+from polyglean.layers.swap import MODEL_RULES, SWAP_RULES, SwapSequential, register_swap_rule, swap, swap_key_map
+from polyglean.layers.cad import CADMask, CADPool2d, cad_pool2d, cad_swap  # registers "cad"
 from polyglean.layers.softpool import (
     SoftPool1d,
     SoftPool2d,
@@ -42,6 +43,9 @@ from polyglean.layers.softpool import (
 
 __all__ = [
     "APS2d",
+    "CADMask",
+    "CADPool2d",
+    "MODEL_RULES",
     "APSIndex2d",
     "LAYERS",
     "PASA2d",
@@ -59,6 +63,8 @@ __all__ = [
     "aps_index2d",
     "aps_select2d",
     "binomial_filter",
+    "cad_pool2d",
+    "cad_swap",
     "blur_pool1d",
     "blur_pool2d",
     "blur_pool3d",

@@ -138,6 +138,10 @@ class SwapContext:
         return int(self.in_shape[1])
 
 
+MODEL_RULES: dict[str, Callable[..., nn.Module]] = {}
+"""Layer name -> a rewrite of the whole model, ``rule(model, input_size=..., **layer_kwargs)``, for layers that
+change more than their own op (``"cad"`` dilates every later layer)."""
+
 SwapRule = Callable[[SwapContext], "Rewrite | None"]
 SWAP_RULES: dict[str, SwapRule] = {}
 """Layer name -> rule; a rule returns a :class:`Rewrite`, or ``None`` to leave the op unchanged."""
@@ -477,6 +481,8 @@ def swap(model: nn.Module, layer: str, *, input_size: Sequence[int] = (3, 224, 2
         NotImplementedError: For ``"aps"`` at a site of several ops one of which has no stride-1 rewrite (a
             functional pooling call, a timm "SAME" op; named in the message).
     """
+    if layer in MODEL_RULES:
+        return MODEL_RULES[layer](model, input_size=input_size, **layer_kwargs)
     if layer not in SWAP_RULES:
         known = ", ".join(repr(n) for n in list_layers() if n in SWAP_RULES)
         raise ValueError(f"unknown layer {layer!r} for swap; known layers: {known}")
