@@ -56,6 +56,7 @@ __all__ = [
     "plan",
     "stitch",
     "stitch_masked",
+    "stitch_strides",
     "uncertain_mask",
 ]
 
@@ -639,3 +640,18 @@ def _tiles(m: Tensor, tile: tuple[int, int], reach: tuple[int, int], factor: tup
         groups.setdefault((hy - ly, hx - lx), []).append((n, y0, y1, x0, x1, ly, lx))
         area += (hy - ly) * (hx - lx)
     return groups, area, int(active.sum())
+
+
+def stitch_strides(net: PhaseNet) -> list[tuple[int, int] | None]:
+    """Per site, the output stride that stitching from it (it and every later site) gives; ``None`` where the
+    model cannot be stitched from there (a global op after it)."""
+    strides: list[tuple[int, int] | None] = []
+    for s in net.sites:
+        try:
+            plan(net, net.sites[s.index:])
+        except (ArgumentError, ModelError):
+            strides.append(None)
+            continue
+        before = net.sites[:s.index]
+        strides.append((math.prod(b.factor[0] for b in before), math.prod(b.factor[1] for b in before)))
+    return strides

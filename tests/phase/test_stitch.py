@@ -242,3 +242,13 @@ class TestMasked:
             stitch_masked(small, torch.randn(1, 3, 64, 64), [1, 2], torch.ones(1, 16, 16, dtype=torch.bool))
         with pytest.raises(ArgumentError, match="tile"):
             stitch_masked(small, torch.randn(1, 3, 64, 64), [1, 2], torch.ones(1, 32, 32, dtype=torch.bool), tile=0)
+
+
+def test_stitch_strides() -> None:
+    from polyglean.phase.stitch import stitch_strides
+
+    body = PhaseNet(IntermediateLayerGetter(torchvision.models.resnet18(), {"layer4": "o"}).eval(),
+                    input_size=(3, 64, 64))
+    assert stitch_strides(body) == [(1, 1), (2, 2), (4, 4), (8, 8), (16, 16)]
+    full = PhaseNet(torchvision.models.resnet18().eval(), input_size=(3, 64, 64))
+    assert stitch_strides(full) == [None] * 5
