@@ -9,6 +9,7 @@ Name a model as a preset (``list_models()``), ``torchvision:NAME`` or ``timm:NAM
 from __future__ import annotations
 
 from polyglean.models import presets as _presets  # noqa: F401  (registers the built-in presets)
+from polyglean.models import segmentation as _segmentation  # noqa: F401  (registers camvid-espnet, camvid-cgnet)
 from polyglean.models.checkpoint import (
     STRIP_MODULE,
     CheckpointError,

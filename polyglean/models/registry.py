@@ -34,6 +34,11 @@ class ModelPreset:
         num_classes: number of output logits.
         description: one line: architecture, data set, reference accuracy, source of the weights.
         key_map: renames checkpoint keys to the model's keys before strict loading.
+        task: ``"classification"`` (logits ``(N, K)``) or ``"segmentation"`` (logits ``(N, K', H, W)`` at the input
+            size, ``K' >= num_classes``: a model may add a void channel, which is never scored).
+        class_names: names of the ``num_classes`` classes (segmentation presets).
+        palette: an RGB colour per class, for drawing label maps.
+        ignore_index: the label value of unlabelled (void) pixels in the preset's data set.
     """
 
     name: str
@@ -44,6 +49,10 @@ class ModelPreset:
     num_classes: int
     description: str
     key_map: KeyMap = field(default=STRIP_MODULE)
+    task: str = "classification"
+    class_names: tuple[str, ...] = ()
+    palette: tuple[tuple[int, int, int], ...] = ()
+    ignore_index: int | None = None
 
 
 _PRESETS: Registry[ModelPreset] = Registry("model preset")

@@ -8,7 +8,6 @@ its live values, run the rest with per-image phases.
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -127,8 +126,16 @@ class PhaseNet(nn.Module):
 
     @property
     def total_factor(self) -> tuple[int, int]:
-        """Product of the site factors: the model's total reduction ``(R_h, R_w)``."""
-        return (math.prod(s.factor[0] for s in self._sites), math.prod(s.factor[1] for s in self._sites))
+        """The model's total reduction ``(R_h, R_w)``: the largest product of factors along a path of sites (a site
+        continues the latest earlier site whose output size is its input size, else the one before it), so that
+        side branches such as the spatial-reduction convs of efficient attention do not multiply the main path."""
+        reduction: list[tuple[int, int]] = []
+        for i, s in enumerate(self._sites):
+            before = [j for j in range(i) if tuple(self._sites[j].out_size) == tuple(s.in_size)]
+            j = before[-1] if before else (i - 1 if i and tuple(s.in_size) != tuple(self.input_size[1:]) else None)
+            base = reduction[j] if j is not None else (1, 1)
+            reduction.append((base[0] * s.factor[0], base[1] * s.factor[1]))
+        return max(reduction, key=lambda r: r[0] * r[1], default=(1, 1))
 
     @property
     def head_segment(self) -> int | None:

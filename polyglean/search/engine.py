@@ -232,7 +232,7 @@ class PhaseSearch:
             new = self._evaluate(requests, entry, stop, seg_flops)
             flops += new["flops"]
             evaluated += len(new["rows"])
-            shift = displacement(torch.tensor([r[1] for r in new["rows"]]), [s.factor for s in sites], space[0])
+            shift = self._displacement(torch.tensor([r[1] for r in new["rows"]]))
             scores = self.criterion.score(new["logits"], shift, generator)
             for row, (image, state, depth, cache) in enumerate(new["rows"]):
                 cands[image].append(_Candidate(state, depth, float(scores[row]), new["logits"][row], cache,
@@ -242,6 +242,11 @@ class PhaseSearch:
                 self._rescore(cands, space[0], generator)
         result = self._aggregate(cands, wanted, space[0], flops, evaluated, n, root_logits, seconds)
         return result
+
+    def _displacement(self, states: Tensor) -> Tensor:
+        """``(..., 2)`` displacements of flat phase states ``(..., L)`` (a dense search measures them in input
+        pixels)."""
+        return displacement(states, [s.factor for s in self.net.sites], self.search_space[0].index)
 
     def _finish(self, out: Any) -> tuple[Tensor, Tensor | None]:
         """Logits (and the final feature maps) from a run that stopped before the head or ran to the output."""
@@ -363,7 +368,7 @@ class PhaseSearch:
         net = self.net
         sites = net.sites
         states = torch.tensor([[c.state for c in pool] for pool in cands])
-        shift = displacement(states, [s.factor for s in sites], first)
+        shift = self._displacement(states)
         logits = torch.stack([torch.stack([c.logits for c in pool]) for pool in cands])
         scores = torch.tensor([[c.score for c in pool] for pool in cands])
         seg_flops = net.segment_flops()
