@@ -170,6 +170,23 @@ def _check_local(net: PhaseNet, deps: dict[fx.Node, frozenset[int]], first: Site
             )
 
 
+def _check_merges(net: PhaseNet, deps: dict[fx.Node, frozenset[int]]) -> None:
+    """Refuses maps that meet (add, concat) on different grids: one branch past a stitched site, one not."""
+    info = net.discovery.info
+    for n in net.discovery.graph_module.graph.nodes:
+        if n.op == "output":  # outputs are stitched leaf by leaf
+            continue
+        maps = [a for a in n.all_input_nodes
+                if a in info and info[a].is_tensor and info[a].shape is not None and len(info[a].shape) == 4
+                and info[a].shape[-1] * info[a].shape[-2] > 1]
+        if len({deps[a] for a in maps}) > 1:
+            names = {a.name: sorted(net.sites[i].name for i in deps[a]) for a in maps}
+            raise ArgumentError(
+                f"maps meeting at node '{n.name}' come through different stitched sites ({names}): they would lie "
+                "on different grids. Stitch the sites of every branch that meets there, or only later sites"
+            )
+
+
 def plan(net: PhaseNet, sites: Sequence[str | int | Site] | str | int | Site) -> StitchPlan:
     """Checks that ``sites`` can be stitched and works out how.
 
@@ -190,15 +207,22 @@ def plan(net: PhaseNet, sites: Sequence[str | int | Site] | str | int | Site) ->
     except ValueError as err:
         raise ArgumentError(str(err)) from None
     all_sites = net.sites
-    for s in all_sites[chosen[0]:]:
-        if s.index not in chosen and s.num_phases > 1:
-            raise ArgumentError(
-                f"site '{s.name}' lies after the stitched site '{all_sites[chosen[0]].name}' and keeps its stride "
-                f"{s.factor}: the stitched output would sample the finer grid unevenly. Stitch it as well "
-                f"(sites={[all_sites[i].name for i in sorted(chosen + [s.index])]})"
-            )
+    ops = net.discovery.ops
+    upstream = _graph_deps(net, {s.index for s in all_sites})
+    first_op = {idx: n for n, (_, idx) in reversed(list(ops.items()))}
+    below = {s.index: upstream[first_op[s.index]] - {s.index} for s in all_sites}  # sites each site depends on
+    for a in chosen:
+        for s in all_sites:
+            if a in below[s.index] and s.index not in chosen and s.num_phases > 1:
+                raise ArgumentError(
+                    f"site '{s.name}' lies after the stitched site '{all_sites[a].name}' and keeps its stride "
+                    f"{s.factor}: the stitched output would sample the finer grid unevenly. Stitch it as well "
+                    f"(sites={[all_sites[i].name for i in sorted(chosen + [s.index])]})"
+                )
+    chosen.sort(key=lambda i: (len(below[i]), i))  # dataflow order: the first stitched site is upstream
     picked = tuple(all_sites[i] for i in chosen)
     deps = _graph_deps(net, set(chosen))
+    _check_merges(net, deps)
     _check_local(net, deps, picked[0])
     stages: list[tuple[int, list[int]]] = []
     for s in picked:
@@ -409,7 +433,9 @@ def receptive_halo(net: PhaseNet, p: StitchPlan) -> tuple[int, int]:
                 kernel_fn = n.target in _KERNEL_FUNCTIONS
             except TypeError:
                 kernel_fn = False
-            if kernel_fn and n not in ops:
+            if n.target in (F.conv2d, torch.conv2d) and n not in ops:
+                module = _FunctionalConv(n, net.discovery.info)
+            elif kernel_fn and n not in ops:
                 raise ArgumentError(
                     f"cannot read the receptive field of '{n.name}' ({getattr(n.target, '__name__', n.target)}); "
                     "pass halo=(h, w) in entry-map pixels"
@@ -423,7 +449,8 @@ def receptive_halo(net: PhaseNet, p: StitchPlan) -> tuple[int, int]:
             continue
         kernel = getattr(module, "kernel_size", None)
         if kernel is None:
-            if not type(module).__module__.startswith("torch.nn"):
+            pointwise = isinstance(module, nn.modules.batchnorm._BatchNorm)  # e.g. timm's BatchNormAct2d
+            if not pointwise and not type(module).__module__.startswith("torch.nn"):
                 raise ArgumentError(
                     f"cannot read the receptive field of layer '{n.target}' ({type(module).__name__}); "
                     "pass halo=(h, w) in entry-map pixels"
@@ -439,6 +466,21 @@ def receptive_halo(net: PhaseNet, p: StitchPlan) -> tuple[int, int]:
         reach[0] += max(ph, ey - ph) * sy
         reach[1] += max(pw, ex - pw) * sx
     return (reach[0], reach[1])
+
+
+class _FunctionalConv:
+    """Kernel, dilation and padding of a functional ``conv2d`` node, read from its recorded weight shape."""
+
+    def __init__(self, n: fx.Node, info: dict[fx.Node, Any]) -> None:
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        bound = dict(zip(names, n.args)) | dict(n.kwargs)
+        weight = bound.get("weight")
+        shape = info[weight].shape if isinstance(weight, fx.Node) and weight in info else None
+        if shape is None or len(shape) != 4:
+            raise ArgumentError(f"cannot read the kernel of '{n.name}' (conv2d); pass halo=(h, w) in entry-map pixels")
+        self.kernel_size = tuple(shape[-2:])
+        self.padding = bound.get("padding", 0)
+        self.dilation = bound.get("dilation", 1)
 
 
 def _pair(v: Any) -> tuple[int, int]:
