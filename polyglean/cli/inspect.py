@@ -32,8 +32,11 @@ def add_parser(sub: Any, name: str) -> None:
 
 def describe(net: PhaseNet, model_name: str) -> dict[str, Any]:
     """The site table of ``net`` as plain data (what ``--json`` prints)."""
+    from polyglean.phase.stitch import stitch_strides
+
     flops = net.segment_flops()
     total = sum(flops)
+    strides = stitch_strides(net)
     return {
         "model": model_name,
         "input_size": list(net.input_size),
@@ -53,6 +56,7 @@ def describe(net: PhaseNet, model_name: str) -> dict[str, Any]:
                 "out_size": list(s.out_size),
                 "discarded": s.discarded,
                 "flops_from_site": net.flops_from(s),
+                "stitched_stride": list(strides[s.index]) if strides[s.index] else None,
             }
             for s in net.sites
         ],
@@ -69,13 +73,15 @@ def format_table(info: dict[str, Any]) -> str:
     if not info["sites"]:
         lines.append("no subsampling sites found: every layer keeps the full resolution, there is nothing to glean")
         return "\n".join(lines)
-    rows = [("#", "site", "ops", "factor", "in -> out", "reduction", "path", "discarded", "FLOPs from site")]
+    rows = [("#", "site", "ops", "factor", "in -> out", "reduction", "path", "discarded", "FLOPs from site",
+             "stitched OS")]
     for s in info["sites"]:
         rows.append((
             str(s["index"]), s["name"], ", ".join(s["ops"]), "{}x{}".format(*s["factor"]),
             "{}x{} -> {}x{}".format(*s["in_size"], *s["out_size"]), "{}x{}".format(*s.get("reduction", s["factor"])),
             "main" if s.get("main_path", True) else "off", f"{s['discarded']:.0%}",
             f"{s['flops_from_site']:.1%}",
+            "{}x{}".format(*s["stitched_stride"]) if s.get("stitched_stride") else "-",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for k, row in enumerate(rows):

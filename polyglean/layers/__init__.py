@@ -12,6 +12,7 @@ Example:
 
 from polyglean.layers._registry import (
     LAYERS,
+    MODEL_RULES,
     SITE_RULES,
     SWAP_RULES,
     create_layer,
@@ -45,6 +46,7 @@ from polyglean.layers.blurpool import (
 from polyglean.layers.pasa import PASA2d, pasa2d, pasa_weights
 from polyglean.layers.rules import SwapSequential
 from polyglean.layers.swap import swap, swap_key_map
+from polyglean.layers.cad import CADMask, CADPool2d, cad_pool2d, cad_swap  # registers "cad"
 from polyglean.layers.softpool import (
     SoftPool1d,
     SoftPool2d,
@@ -56,6 +58,9 @@ from polyglean.layers.softpool import (
 
 __all__ = [
     "APS2d",
+    "CADMask",
+    "CADPool2d",
+    "MODEL_RULES",
     "APSIndex2d",
     "LAYERS",
     "PASA2d",
@@ -74,6 +79,8 @@ __all__ = [
     "aps_index2d",
     "aps_select2d",
     "binomial_filter",
+    "cad_pool2d",
+    "cad_swap",
     "blur_pool1d",
     "blur_pool2d",
     "blur_pool3d",

@@ -20,6 +20,7 @@ from polyglean.registry import Registry
 
 __all__ = [
     "LAYERS",
+    "MODEL_RULES",
     "SITE_RULES",
     "SWAP_RULES",
     "create_layer",
@@ -35,6 +36,9 @@ LAYERS: Registry[type[nn.Module]] = Registry("layer")
 """Layer name -> Module class."""
 SWAP_RULES: Registry[Callable[..., Any]] = Registry("swap rule")
 """Layer name -> rule for one module op: ``rule(SwapContext) -> Rewrite | None`` (see :mod:`polyglean.layers.rules`)."""
+MODEL_RULES: Registry[Callable[..., Any]] = Registry("model rule")
+"""Layer name -> a rewrite of the whole model, ``rule(model, input_size=..., **layer_kwargs)``, for layers that
+change more than their own op (``"cad"`` dilates every later layer)."""
 SITE_RULES: Registry[Callable[..., Any]] = Registry("site rule")
 """Layer name -> rule for a site of several ops that must agree: ``rule(SiteSwapContext) -> {path: shape}``, which
 rewrites the graph. Layers without one are swapped op by op."""

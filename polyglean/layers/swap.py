@@ -67,6 +67,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from polyglean.layers._registry import (
+    MODEL_RULES,
     SITE_RULES,
     SWAP_RULES,
     list_layers,
@@ -84,7 +85,7 @@ from polyglean.errors import ArgumentError
 from polyglean.sites import discover
 from polyglean.sites.ops import ModulePhaseOp, PhaseOp
 
-__all__ = ["SITE_RULES", "SWAP_RULES", "SwapSequential", "register_site_rule", "register_swap_rule", "swap",
+__all__ = ["MODEL_RULES", "SITE_RULES", "SWAP_RULES", "SwapSequential", "register_site_rule", "register_swap_rule", "swap",
            "swap_key_map"]
 
 logger = logging.getLogger(__name__)
@@ -135,8 +136,10 @@ def swap(model: nn.Module, layer: str, *, input_size: Sequence[int] = (3, 224, 2
         NotImplementedError: For ``"aps"`` at a site of several ops one of which has no stride-1 rewrite (a
             functional pooling call, a timm "SAME" op; named in the message).
     """
+    if layer in MODEL_RULES:
+        return MODEL_RULES[layer](model, input_size=input_size, **layer_kwargs)
     if layer not in SWAP_RULES:
-        known = ", ".join(repr(n) for n in list_layers() if n in SWAP_RULES)
+        known = ", ".join(repr(n) for n in list_layers() if n in SWAP_RULES or n in MODEL_RULES)
         raise ArgumentError(f"unknown layer {layer!r} for swap; known layers: {known}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

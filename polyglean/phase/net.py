@@ -534,6 +534,12 @@ class PhaseNet(nn.Module):
             raise TypeError(f"all_phases needs a model that returns a tensor, got {type(out).__name__}")
         return out.reshape(n, count, *out.shape[1:])
 
+    def stitch(self, x: Tensor, sites: Any, *, chunk: int | None = None) -> Any:
+        """The output at every phase combination of ``sites``, interleaved: see :func:`polyglean.phase.stitch.stitch`."""
+        from polyglean.phase.stitch import stitch
+
+        return stitch(self, x, sites, chunk=chunk)
+
     # ---------------------------------------------------------------------------------------------------- cost
     def segment_flops(self) -> list[int]:
         """FLOPs of each segment for one image of ``input_size`` (``torch.utils.flop_counter``)."""

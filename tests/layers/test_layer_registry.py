@@ -11,7 +11,7 @@ from polyglean.layers import LAYERS, create_layer, get_layer, list_layers, regis
 
 
 def test_known_names():
-    assert set(LAYERS) == {"softpool", "adapool", "blurpool", "pasa", "aps"}
+    assert set(LAYERS) == {"softpool", "adapool", "blurpool", "pasa", "aps", "cad"}
     assert get_layer("softpool") is layers.SoftPool2d
     assert get_layer("adapool") is layers.AdaPool2d
     assert get_layer("blurpool") is layers.BlurPool2d
