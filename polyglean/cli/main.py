@@ -11,12 +11,13 @@ from polyglean import __version__
 from polyglean.cli import bench as bench_cmd
 from polyglean.cli import demo as demo_cmd
 from polyglean.cli import eval as eval_cmd
+from polyglean.cli import export as export_cmd
 from polyglean.cli import inspect as inspect_cmd
 from polyglean.cli import train as train_cmd
 from polyglean.cli import train_aggregator as train_aggregator_cmd
 
 COMMANDS = {"demo": demo_cmd, "inspect": inspect_cmd, "eval": eval_cmd, "bench": bench_cmd,
-            "train": train_cmd, "train-aggregator": train_aggregator_cmd}
+            "train": train_cmd, "train-aggregator": train_aggregator_cmd, "export": export_cmd}
 
 # Errors that are the user's to fix: printed as one line, never as a traceback.
 try:
