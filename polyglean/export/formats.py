@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -114,7 +115,10 @@ def export_module(module: nn.Module, example: Tensor, path: str | Path, fmt: str
         write_atomic(path, lambda f: f.write(data))
     else:
         try:
-            traced = torch.jit.trace(module, example, check_trace=False)
+            with warnings.catch_warnings():  # the trace fixes the spatial size on purpose; the batch stays free
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.simplefilter("ignore", FutureWarning)
+                traced = torch.jit.trace(module, example, check_trace=False)
         except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ModelError(f"{type(module).__name__} cannot be traced to TorchScript ({type(err).__name__}: "
@@ -122,5 +126,7 @@ def export_module(module: nn.Module, example: Tensor, path: str | Path, fmt: str
         for x in (example, other):
             _check("TorchScript", traced(x), module(x))
             checks[f"batch{x.shape[0]}"] = float((traced(x) - module(x)).abs().max())
-        write_atomic(path, lambda f: torch.jit.save(traced, f))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream; still asked for
+            write_atomic(path, lambda f: torch.jit.save(traced, f))
     return checks
