@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from polyglean.cli._args import add_model_arguments
+from polyglean.cli._common import add_model_arguments
 
 
 def add_parser(sub: Any, name: str) -> None:
