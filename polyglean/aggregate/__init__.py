@@ -7,7 +7,7 @@ from polyglean.aggregate.aggregators import (
     MeanAggregator,
     normalized_entropy,
 )
-from polyglean.aggregate.align import align, alignment_factor, displacement
+from polyglean.aggregate.align import align, align_static, alignment_factor, displacement
 from polyglean.aggregate.learned import (
     AggregatorCheckpointError,
     AttentionAggregator,
@@ -18,5 +18,5 @@ from polyglean.aggregate.learned import (
 )
 
 __all__ = ["AGGREGATORS", "Aggregator", "AggregatorCheckpointError", "AttentionAggregator", "EntropyAggregator",
-           "MeanAggregator", "align", "alignment_factor", "displacement", "load_aggregator", "model_fingerprint",
+           "MeanAggregator", "align", "align_static", "alignment_factor", "displacement", "load_aggregator", "model_fingerprint",
            "normalized_entropy", "save_aggregator", "shipped_aggregator"]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["align", "alignment_factor", "displacement"]
+__all__ = ["align", "align_static", "alignment_factor", "displacement"]
 
 
 def displacement(states: Tensor, factors: Sequence[tuple[int, int]], first: int) -> Tensor:
@@ -93,3 +93,16 @@ def align(features: Tensor, shift: Tensor, factor: tuple[int, int], dims: tuple[
         part = _shift_1d(part, key[1], factor[1], dims[1])
         out.index_copy_(0, idx, part)
     return out
+
+
+def align_static(features: Tensor, shift: tuple[int, int], factor: tuple[int, int],
+                 dims: tuple[int, int] = (-2, -1)) -> Tensor:
+    """:func:`align` for one displacement given as Python ints: every candidate of ``features`` is moved by the
+    same ``(Δy, Δx)``. Nothing depends on tensor values, so it traces and exports as a fixed graph.
+
+    Shape:
+        - features: ``(M, C, h, w)`` (or channels-last with ``dims=(1, 2)``)
+        - output: like ``features``
+    """
+    out = _shift_1d(features, int(shift[0]), factor[0], dims[0])
+    return _shift_1d(out, int(shift[1]), factor[1], dims[1])

@@ -92,6 +92,58 @@ def add_parser(sub: Any, name: str) -> None:
     _add_tta_arguments(p)
     _add_shift_arguments(p)
     _add_dense_arguments(p)
+    _add_adaptive_arguments(p)
+
+
+def _add_adaptive_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "adaptive budget", "stop each image's search when it no longer pays; stopped images leave the batch, so "
+        "every row's forward equivalents are what was really run")
+    g.add_argument("--adaptive", metavar="RULE",
+                   help="confidence:T (stop at B=1 when the plain max softmax >= T), entropy:T (normalised entropy "
+                        "<= T), stable:K (the aggregate unchanged for K expansions), joined with +; with "
+                        "--target-cost give only confidence or entropy, the threshold is calibrated")
+    g.add_argument("--target-cost", type=float, metavar="C",
+                   help="calibrate the threshold on --fit-data so the mean cost is C forward equivalents at the "
+                        "largest budget")
+    g.add_argument("--fit-data", help="held-out labelled images for --target-cost (never the evaluated images)")
+    g.add_argument("--fit-subset", type=_subset, help="START:STOP of --fit-data's fixed shuffled order")
+
+
+def _check_adaptive(args: argparse.Namespace) -> None:
+    from polyglean.search import parse_stop
+
+    if args.adaptive is None:
+        given = [f for f, v in (("--target-cost", args.target_cost), ("--fit-data", args.fit_data),
+                                ("--fit-subset", args.fit_subset)) if v is not None]
+        if given:
+            raise ArgumentError(f"{', '.join(given)} apply only with --adaptive; add it or drop them")
+        return
+    if wants_tta(args):
+        raise ArgumentError("--adaptive is not supported together with --tta yet; run it without --tta")
+    if args.target_cost is None:
+        if args.fit_data or args.fit_subset:
+            raise ArgumentError("--fit-data/--fit-subset are for calibrating --target-cost; add it or drop them")
+        parse_stop(args.adaptive)  # refuses a malformed rule now, before any work
+        return
+    if args.adaptive not in ("confidence", "entropy"):
+        raise ArgumentError(f"--target-cost calibrates the threshold of --adaptive confidence or entropy (given "
+                            f"without a value), got --adaptive {args.adaptive}")
+    if not args.fit_data:
+        raise ArgumentError("--target-cost needs held-out labelled images to calibrate on: --fit-data DIR")
+    if not Path(args.fit_data).is_dir():
+        raise ArgumentError(f"--fit-data folder not found: {args.fit_data}")
+    if Path(args.fit_data).resolve() == Path(args.data).resolve():
+        def span(sub: Any) -> tuple[float, float]:
+            return (0, float("inf")) if sub is None else (sub[0], float("inf") if sub[1] == -1 else sub[1])
+
+        (a0, a1), (b0, b1) = span(args.subset), span(args.fit_subset)
+        if args.fit_subset is None or args.subset is None or (a0 < b1 and b0 < a1):
+            raise ArgumentError("--fit-data is the evaluated folder: calibrate on other images, or give disjoint "
+                                "--subset and --fit-subset ranges")
+    if not args.target_cost >= 1.0:
+        raise ArgumentError(f"--target-cost is in forward equivalents, at least 1 (the plain model), got "
+                            f"{args.target_cost}")
 
 
 def _add_tta_arguments(p: argparse.ArgumentParser) -> None:
@@ -171,6 +223,7 @@ def _check(args: argparse.Namespace) -> None:
     if not Path(args.data).is_dir():
         raise ArgumentError(f"--data folder not found: {args.data}")
     check_outputs(json=args.json_out, plot=args.plot, tta_save=args.tta_save)
+    _check_adaptive(args)
     if wants_tta(args):
         _check_tta(args, aggregates)
     else:
@@ -298,7 +351,23 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         phase_stride=args.phase_stride, learned=modules, batch_size=args.batch_size, workers=args.workers,
         seed=args.seed)
     dataset = _dataset(args.data, preprocess, num_classes, None, args.subset, args.limit)
+    adaptive: dict[str, Any] | None = None
     with Bars(args.model, not args.no_progress) as bars:
+        if args.adaptive and args.target_cost is not None:
+            import dataclasses
+
+            from polyglean.experiments import calibrate_adaptive
+
+            fit = _dataset(args.fit_data, preprocess, num_classes, None, args.fit_subset, None)
+            rule, adaptive = calibrate_adaptive(net, fit, config, args.adaptive, args.target_cost, progress=bars)
+            adaptive = {**adaptive, "fit_data": str(args.fit_data),
+                        "fit_subset": None if args.fit_subset is None else list(args.fit_subset)}
+            config = dataclasses.replace(config, stop=rule)
+        elif args.adaptive:
+            import dataclasses
+
+            config = dataclasses.replace(config, stop=args.adaptive)
+            adaptive = {"rule": args.adaptive}
         result = evaluate_classification(net, dataset, config, progress=bars)
         shift = shift_consistency(model, preprocess, dataset, seed=args.seed, batch_size=args.batch_size,
                                   workers=args.workers, progress=bars) if args.shift_consistency else None
@@ -313,6 +382,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                                                                  "training": m.meta.get("training")}
                             for al, m in modules.items()},
             "reference": "budget 1 of the same search (the plain model); intervals: paired bootstrap, 95%",
+            "adaptive": adaptive,
         },
         "results": _with_outcomes(result.rows, result.outcomes, ("aggregate", "align", "budget")),
         "labels": result.labels.tolist(),
@@ -522,8 +592,9 @@ def _check_dense(args: argparse.Namespace) -> tuple[list[str], tuple[str, ...]]:
     refused = [flag for flag, given in (
         ("--aggregator", args.aggregator), ("--subset", args.subset), ("--downsample", args.downsample),
         ("--shift-consistency", args.shift_consistency), ("--tta", wants_tta(args)),
-        ("--aggregate-on logits", args.aggregate_on == "logits"),
-        *((f"--{f.replace('_', '-')}", getattr(args, f) is not None) for f in TTA_FLAGS)) if given]
+        ("--aggregate-on logits", args.aggregate_on == "logits"), ("--phase-stride", args.phase_stride != 1),
+        *((f"--{f.replace('_', '-')}", getattr(args, f) is not None)
+          for f in (*TTA_FLAGS, "adaptive", "target_cost", "fit_data", "fit_subset"))) if given]
     if refused:
         raise ArgumentError(f"{', '.join(refused)}: not supported for segmentation models (image-space TTA: "
                             "--seg-tta)")

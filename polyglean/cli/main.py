@@ -11,13 +11,14 @@ from polyglean import __version__
 from polyglean.cli import bench as bench_cmd
 from polyglean.cli import demo as demo_cmd
 from polyglean.cli import eval as eval_cmd
+from polyglean.cli import export as export_cmd
 from polyglean.cli import inspect as inspect_cmd
 from polyglean.cli import train as train_cmd
 from polyglean.cli import train_aggregator as train_aggregator_cmd
 from polyglean.errors import PolygleanError
 
 COMMANDS = {"demo": demo_cmd, "inspect": inspect_cmd, "eval": eval_cmd, "bench": bench_cmd,
-            "train": train_cmd, "train-aggregator": train_aggregator_cmd}
+            "train": train_cmd, "train-aggregator": train_aggregator_cmd, "export": export_cmd}
 
 # Transitional: these commands still report bad options and files with a bare ValueError or FileNotFoundError. Remove an entry once its command
 # raises polyglean.errors.ArgumentError; every other command's ValueError is a bug and keeps its traceback.

@@ -6,7 +6,12 @@ the plain model with a paired bootstrap interval and McNemar's exact test.
 This is an application layer: it uses the search, the aggregators, TTA, data and metrics; nothing below imports it.
 """
 
-from polyglean.experiments.classification import ClassificationConfig, ClassificationResult, evaluate_classification
+from polyglean.experiments.classification import (
+    ClassificationConfig,
+    ClassificationResult,
+    calibrate_adaptive,
+    evaluate_classification,
+)
 from polyglean.experiments.dense import DenseEvalConfig, evaluate_segmentation
 from polyglean.experiments.common import (
     ImageSelection,
@@ -24,8 +29,9 @@ from polyglean.experiments.shift import ShiftConsistency, load_eval_model, shift
 from polyglean.experiments.tta import TTAConfig, TTAEvalResult, evaluate_tta
 
 __all__ = [
-    "ClassificationConfig", "ClassificationResult", "DenseEvalConfig", "evaluate_segmentation", "ImageSelection", "Outcomes", "Progress", "ShiftConsistency",
-    "TTAConfig", "TTAEvalResult", "base_samples", "build_search", "check_input_size", "compare", "data_fingerprint",
+    "ClassificationConfig", "ClassificationResult", "DenseEvalConfig", "ImageSelection", "Outcomes", "Progress",
+    "ShiftConsistency", "TTAConfig", "TTAEvalResult", "base_samples", "build_search", "calibrate_adaptive",
+    "check_input_size", "compare", "data_fingerprint", "evaluate_segmentation",
     "evaluate_classification", "evaluate_tta", "load_eval_model", "model_classes", "select_images",
     "shift_consistency",
 ]

@@ -23,7 +23,7 @@ from polyglean.experiments.common import Outcomes, Progress, _nothing, build_sea
 from polyglean.phase.net import PhaseNet
 from polyglean.search import CRITERIA, PhaseSearch
 
-__all__ = ["ClassificationConfig", "ClassificationResult", "evaluate_classification"]
+__all__ = ["ClassificationConfig", "ClassificationResult", "calibrate_adaptive", "evaluate_classification"]
 
 Variant = tuple[str, bool]
 """``(aggregate name, aligned)``."""
@@ -50,6 +50,8 @@ class ClassificationConfig:
         workers: data-loading worker processes.
         seed: seed of the random criterion.
         device: where the model runs and the tensors live.
+        stop: an adaptive budget (:mod:`polyglean.search.stop`): a rule or its text; images it stops leave the
+            search early, and every row's cost is what was really run.
     """
 
     budgets: tuple[int, ...] = (1, 4, 10, 15)
@@ -64,6 +66,7 @@ class ClassificationConfig:
     workers: int = 0
     seed: int = 0
     device: str | torch.device = "cpu"
+    stop: Any = None
 
     def __post_init__(self) -> None:
         if not self.budgets:
@@ -141,6 +144,7 @@ class _Collected:
     seconds: dict[int, float]
     flops: dict[int, float]
     forward: float = 0.0
+    used: dict[int, int] = field(default_factory=dict)
 
 
 def _search(net: PhaseNet, config: ClassificationConfig, top: int
@@ -161,7 +165,7 @@ def _search(net: PhaseNet, config: ClassificationConfig, top: int
     search = build_search(net, budget=top, criterion=config.criterion, aggregate=aggregate, align=align,
                           search_space=list(config.search_space) if config.search_space else None,
                           aggregate_on=config.aggregate_on, seed=config.seed,
-                          phase_stride=config.phase_stride)
+                          phase_stride=config.phase_stride, stop=config.stop)
     space = [s.name for s in search.search_space]
     for al, module in config.learned.items():  # the displacement code fits only the space it was trained on
         trained = list(getattr(module, "meta", {}).get("search_space", []))
@@ -190,6 +194,7 @@ def _collect(search: PhaseSearch, batches: Iterable[tuple[Tensor, Tensor]], budg
                 out.logits[(*variant, b)].append(logits.float())
             out.seconds[b] += result.seconds_by_budget[b]
             out.flops[b] += result.flops_by_budget[b]
+            out.used[b] = out.used.get(b, 0) + int(result.budget_used(b).sum())
         for al, module in config.learned.items():  # control: the trained module on the default state alone
             if result.features is not None:
                 with torch.no_grad():
@@ -214,7 +219,8 @@ def _rows(collected: _Collected, budgets: list[int], wanted: tuple[int, ...], va
         for b in wanted:
             row, outcomes[(a, al, b)] = metrics_row(torch.cat(collected.logits[(a, al, b)]), target, plain)
             rows.append({"aggregate": a, "align": al, "budget": b, **row, "seconds": collected.seconds[b],
-                         "forward_equivalents": collected.flops[b] / collected.forward})
+                         "forward_equivalents": collected.flops[b] / collected.forward,
+                         "mean_candidates": collected.used[b] / len(target)})
     for al, parts in collected.alone.items():
         # Not a search result: the learned module applied to the plain model's features, with no other candidate.
         # What it gains here is adaptation of the features to the training data, not gleaned phases.
@@ -251,3 +257,31 @@ def evaluate_classification(net: PhaseNet, dataset: Dataset[Any], config: Classi
     rows, outcomes, target = _rows(collected, budgets, config.budgets, config.variants())
     return ClassificationResult(rows, outcomes, target, [s.name for s in search.search_space],
                                 [s.name for s in net.sites], search.align)
+
+
+@torch.no_grad()
+def calibrate_adaptive(net: PhaseNet, dataset: Dataset[Any], config: ClassificationConfig, rule: str,
+                       target_cost: float, progress: Progress | None = None) -> tuple[Any, dict[str, Any]]:
+    """Calibrates the ``confidence`` or ``entropy`` stop rule on held-out images so that the search to
+    ``max(config.budgets)`` costs ``target_cost`` forward equivalents per image on average.
+
+    Returns:
+        The stop rule, and what the calibration measured (threshold, target, achieved mean cost, images).
+    """
+    from polyglean.search import calibrate_stop
+
+    progress = progress or _nothing
+    total = len(dataset)  # type: ignore[arg-type]
+    if total == 0:
+        raise DataError("the fit data set is empty: nothing to calibrate on")
+    plain = ClassificationConfig(**{**{f: getattr(config, f) for f in config.__dataclass_fields__}, "stop": None})
+    search, _, _ = _search(net, plain, max(config.budgets))
+    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers)
+
+    def batches() -> Iterable[Tensor]:
+        done = 0
+        for x, _ in loader:
+            yield x.to(config.device)
+            done += x.shape[0]
+            progress("calibrate", done, total)
+    return calibrate_stop(search, batches(), target_cost, rule)

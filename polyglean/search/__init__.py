@@ -2,6 +2,7 @@
 
 from polyglean.search.criteria import CRITERIA, Criterion, DeltaCriterion, EntropyCriterion, RandomCriterion
 from polyglean.search.engine import PhaseSearch, SearchResult
+from polyglean.search.stop import STOP_RULES, StopRule, calibrate_stop, parse_stop
 
 __all__ = ["CRITERIA", "Criterion", "DeltaCriterion", "EntropyCriterion", "PhaseSearch", "RandomCriterion",
-           "SearchResult"]
+           "STOP_RULES", "SearchResult", "StopRule", "calibrate_stop", "parse_stop"]

@@ -28,6 +28,7 @@ from polyglean.aggregate import align as align_features
 from polyglean.errors import ArgumentError
 from polyglean.phase.net import PhaseNet
 from polyglean.search.criteria import CRITERIA, Criterion
+from polyglean.search.stop import StopRule, parse_stop
 from polyglean.sites import Site
 
 __all__ = ["PhaseSearch", "SearchResult"]
@@ -59,6 +60,13 @@ class SearchResult:
     flops_by_budget: dict[int, float] = field(default_factory=dict)
     seconds_by_budget: dict[int, float] = field(default_factory=dict)
     features: Tensor | None = None  # (N, B, ...) final feature maps, unaligned (feature aggregation only)
+    counts: Tensor | None = None  # (N,) candidates each image got, when a stop rule ended some searches early
+    image_flops_by_budget: dict[int, Tensor] = field(default_factory=dict)  # (N,) FLOPs of each image's search
+
+    def budget_used(self, budget: int) -> Tensor:
+        """``(N,)`` candidates aggregated per image at ``budget`` (fewer where a stop rule ended the search)."""
+        full = torch.full((self.states.shape[0],), budget, dtype=torch.long)
+        return full if self.counts is None else torch.minimum(full, self.counts.cpu())
 
     @property
     def forward_equivalents(self) -> float:
@@ -114,6 +122,9 @@ class PhaseSearch:
             256 phases); sites with smaller factors keep all theirs. Default 1: every phase.
         aggregate_on: ``"features"`` (final feature maps, then the head) or ``"logits"``.
         seed: Seed of the random criterion.
+        stop: An adaptive budget: a :class:`~polyglean.search.stop.StopRule` or its text (``confidence:0.9``,
+            ``entropy:0.2``, ``stable:2``, joined with ``+``). Images it stops leave the batch; an image stopped
+            at B = 1 gets the plain prediction bit for bit.
 
     Example:
         >>> search = PhaseSearch(PhaseNet(model, (3, 224, 224)), budget=15)  # doctest: +SKIP
@@ -131,6 +142,7 @@ class PhaseSearch:
         aggregate_on: str = "features",
         seed: int = 0,
         phase_stride: int = 1,
+        stop: str | StopRule | None = None,
     ) -> None:
         if not isinstance(net, PhaseNet):
             raise TypeError(f"net must be a PhaseNet, got {type(net).__name__}")
@@ -149,6 +161,9 @@ class PhaseSearch:
         if isinstance(phase_stride, bool) or not isinstance(phase_stride, int) or phase_stride < 1:
             raise ValueError(f"phase_stride must be an int >= 1, got {phase_stride!r}")
         self.phase_stride = phase_stride
+        self.stop = parse_stop(stop)
+        if self.stop is not None and self.stop.watches_aggregate and aggregate_on != "features":
+            raise ValueError("a stop rule that watches the aggregated prediction needs aggregate_on='features'")
         self.search_space = self._space(search_space)
         self._phases = {s.index: self._sub_grid(s) for s in self.search_space}
         if getattr(self.criterion, "needs_features", False):
@@ -247,12 +262,17 @@ class PhaseSearch:
         ]
         evaluated = 0
         seconds: dict[int, float] = {}
+        halted = [False] * n
+        if self.stop is not None:
+            self.stop.reset(n)
+            halted = self.stop.at_root(root_logits).tolist()
         while True:
-            fewest = min(len(pool) for pool in cands)
+            going = [len(pool) for pool, h in zip(cands, halted) if not h]
+            fewest = min(going) if going else top
             for b in wanted:
                 if b not in seconds and fewest >= b:
                     seconds[b] = time.perf_counter() - started
-            requests = self._select(cands, top, space, entry)
+            requests = self._select(cands, top, space, entry, halted)
             if not requests:
                 break
             new = self._evaluate(requests, entry, stop, seg_flops)
@@ -266,6 +286,10 @@ class PhaseSearch:
                                                new["costs"][row]))
             if self.criterion.rescore:
                 self._rescore(cands, space[0], generator)
+            if self.stop is not None and self.stop.watches_aggregate:
+                self._watch(cands, sorted({r[0] for r in requests}), halted, space[0])
+        for b in wanted:  # budgets no image still searching reached (every search stopped early)
+            seconds.setdefault(b, time.perf_counter() - started)
         result = self._aggregate(cands, wanted, space[0], flops, evaluated, n, root_logits, seconds)
         return result
 
@@ -288,13 +312,15 @@ class PhaseSearch:
             raise ValueError(f"the search needs a classifier returning logits (N, K); the model returned {shape}")
         return out
 
-    def _select(self, cands: list[list[_Candidate]], top: int, space: list[int], entry: list[int]
-                ) -> list[tuple[int, _Candidate, int, list[tuple[int, ...]]]]:
-        """For each image still short of ``top`` candidates: the node to expand and the children to evaluate."""
+    def _select(self, cands: list[list[_Candidate]], top: int, space: list[int], entry: list[int],
+                halted: list[bool]) -> list[tuple[int, _Candidate, int, list[tuple[int, ...]]]]:
+        """For each image still short of ``top`` candidates and not stopped: the node to expand and its children."""
         requests = []
         m = len(space)
         for image, pool in enumerate(cands):
-            if len(pool) >= top:
+            if len(pool) >= top or halted[image]:
+                for c in pool if halted[image] else ():
+                    c.cache.clear()  # a stopped image needs no activations any more
                 continue
             open_nodes = [c for c in pool if c.depth < m]
             if not open_nodes:
@@ -385,11 +411,29 @@ class PhaseSearch:
             for c, s in zip(pool, scores.tolist()):
                 c.score = s
 
+    def _watch(self, cands: list[list[_Candidate]], images: list[int], halted: list[bool], first: int) -> None:
+        """Asks the stop rule about each image that just grew, with its current aggregated prediction."""
+        factor = self.net.alignment_factor(first)
+        for image in images:
+            pool = cands[image]
+            shift = self._displacement(torch.tensor([c.state for c in pool], device=pool[0].logits.device))
+            feats = torch.cat([c.features for c in pool])
+            if self.align:
+                feats = align_features(feats, shift, factor, self.net.feature_dims)
+            logits = torch.stack([c.logits for c in pool])
+            combined = self.aggregator.combine(feats[None], logits[None], shift[None])
+            if self.stop.after_step(image, self._as_logits(self.net.head(combined))[0]):
+                halted[image] = True
+
     # -------------------------------------------------------------------------------------------- aggregation
     def _aggregate(self, cands: list[list[_Candidate]], wanted: list[int], first: int, flops: float,
                    evaluated: int, n: int, root_logits: Tensor, seconds: dict[int, float]) -> SearchResult:
         """Aggregates at each budget; ``seconds[b]`` is when every image had ``b`` candidates (plus aggregation)."""
         net = self.net
+        counts = [len(pool) for pool in cands]
+        width = max(counts)
+        if min(counts) < width:  # a stop rule ended some searches early: pad with copies of the default state
+            cands = [pool + [pool[0]] * (width - len(pool)) for pool in cands]
         states = torch.tensor([[c.state for c in pool] for pool in cands])
         shift = self._displacement(states)
         logits = torch.stack([torch.stack([c.logits for c in pool]) for pool in cands])
@@ -401,15 +445,22 @@ class PhaseSearch:
             feats = torch.cat([torch.cat([c.features for c in pool]) for pool in cands])
             feats = feats.reshape(n, -1, *feats.shape[1:])
         result = SearchResult({}, states, scores, shift, logits, evaluated, flops, forward, {}, seconds, feats)
-        root = forward + (n * seg_flops[net.head_segment] if self.aggregate_on == "features" else 0)
+        if min(counts) < width:
+            result.counts = torch.tensor(counts)
+        head = seg_flops[net.head_segment] if feats is not None else 0
         for b in wanted:
             tick = time.perf_counter()
             result.logits[b] = self.combine(result, b) if b > 1 else root_logits
-            extra = n * seg_flops[net.head_segment] if (b > 1 and feats is not None) else 0
-            # What a search stopping at b costs: the default forward, the first b - 1 children, the aggregation.
-            children = sum(c.cost for pool in cands for c in pool[1:b])
-            result.flops_by_budget[b] = forward if b == 1 else root + children + extra
-            result.flops += extra
+            # What a search stopping at b costs per image: the default forward (with the head run on the default
+            # features), its first b - 1 children, and the head once more on the aggregate; an image that stopped
+            # earlier costs only what it ran.
+            used = result.budget_used(b).tolist()
+            per_image = torch.tensor([float(sum(seg_flops)) if u == 1 else
+                                      float(sum(seg_flops)) + 2 * head + sum(c.cost for c in pool[1:u])
+                                      for pool, u in zip(cands, used)], dtype=torch.float64)
+            result.image_flops_by_budget[b] = per_image
+            result.flops_by_budget[b] = float(per_image.sum())
+            result.flops += sum(head for u in used if u > 1)
             seconds[b] += time.perf_counter() - tick
         return result
 
@@ -422,6 +473,8 @@ class PhaseSearch:
         do_align = self.align if align is None else bool(align)
         if budget == 1:
             return result.candidate_logits[:, 0]
+        if result.counts is not None and bool((result.counts < budget).any()):
+            return self._combine_by_count(result, budget, aggregator, do_align)
         logits, shift = result.candidate_logits[:, :budget], result.shift[:, :budget]
         if result.features is None:
             return aggregator.combine(logits, logits, shift)
@@ -433,3 +486,19 @@ class PhaseSearch:
             feats = flat.reshape(feats.shape)
         return self._as_logits(self.net.head(aggregator.combine(feats, logits, shift)))
 
+
+    def _combine_by_count(self, result: SearchResult, budget: int, aggregator: Aggregator, align: bool) -> Tensor:
+        """:meth:`combine` where a stop rule left images with fewer candidates: each group aggregates its own."""
+        used = result.budget_used(budget)
+        out = None
+        for u in sorted(set(used.tolist())):
+            idx = (used == u).nonzero().flatten()
+            part = SearchResult({}, result.states[idx], result.scores[idx], result.shift[idx],
+                                result.candidate_logits[idx], 0, 0.0, 0.0,
+                                features=None if result.features is None else result.features[idx])
+            z = self.combine(part, u, aggregator, align)
+            if out is None:
+                out = z.new_empty(used.shape[0], *z.shape[1:])
+            out[idx.to(out.device)] = z
+        assert out is not None
+        return out
