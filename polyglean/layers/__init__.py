@@ -4,6 +4,10 @@ Each layer is a pure tensor function and a thin ``nn.Module`` over it. The 2-D M
 :data:`LAYERS` (``"softpool"``, ``"adapool"``, ``"blurpool"``, ``"pasa"``, ``"aps"``); :func:`get_layer` looks a
 name up and :func:`create_layer` instantiates it; :func:`swap` rewrites a model's subsampling ops to one of them.
 
+Each layer's module holds everything about it: the function, the Module, its swap rule and its op kind (how site
+discovery runs it at any phase), registered together by one :func:`register_layer` call at the end of the module.
+Adding a layer is that module plus its import below.
+
 Example:
     >>> from polyglean.layers import create_layer
     >>> create_layer("blurpool", filter_size=5)

@@ -12,6 +12,9 @@ lives in its layer's module, see :mod:`polyglean.layers.rules`):
     called only there (Zhang's ``Conv + ReLU -> Conv(1) + ReLU + BlurPool``); otherwise (e.g. the ReLU module is
     shared by two calls, as in torchvision's ``BasicBlock``) the blur goes right after the conv, before BN/ReLU:
     the only place module surgery can put it without changing what the shared module computes elsewhere.
+    ``recipe="zhang"`` builds antialiased-cnns' layout instead (blur after the ReLU, as the first child of the next
+    conv where the ReLU is shared; ``MaxPool(2, 1) + BlurPool(s)``; ``pool_only``), see
+    :mod:`polyglean.layers.blurpool`.
 ``softpool`` / ``adapool``
     strided ``MaxPool``/``AvgPool`` -> ``SoftPool2d``/``AdaPool2d`` with the same kernel, stride, padding and
     ``ceil_mode``. Strided convs are left as they are (the papers replace pooling layers only), unless
@@ -119,11 +122,13 @@ def swap(model: nn.Module, layer: str, *, input_size: Sequence[int] = (3, 224, 2
 
     Args:
         model: Any image model that ``polyglean.sites.discover`` can trace; it is not modified.
-        layer: ``"blurpool"``, ``"softpool"``, ``"adapool"``, ``"pasa"`` or ``"aps"``.
+        layer: A name with a swap rule: ``"blurpool"``, ``"softpool"``, ``"adapool"``, ``"pasa"``, ``"aps"`` or one
+            registered with :func:`polyglean.layers.register_layer`.
         input_size: ``(C, H, W)`` of one input image, for discovery and the size checks.
         **layer_kwargs: Passed to every new layer, e.g. ``filter_size=5`` (BlurPool), ``groups=4`` (PASA),
-            ``beta_init=0.3`` (adaPool), ``p=1`` (APS); ``convs=True`` (SoftPool, adaPool) also rewrites strided
-            convs (see the module docstring).
+            ``beta_init=0.3`` or ``similarity="vector"`` (adaPool), ``p=1`` (APS); ``convs=True`` (SoftPool,
+            adaPool) also rewrites strided convs; ``recipe="zhang"`` and ``pool_only`` choose BlurPool's recipe
+            (see the module docstring).
 
     Returns:
         The rewritten deep copy, in the train/eval mode of ``model``; a ``torch.fx.GraphModule`` when a site rule

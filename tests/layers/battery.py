@@ -47,23 +47,21 @@ class LayerCase:
         function: ``function(module, x)``: the pure function with the Module's arguments and parameters; the
             Module's ``forward`` must equal it bit for bit.
         reference: ``reference(module, x)``: a naive loop of the paper's formula for the Module's arguments, in
-            float64 (``None``: the layer's module tests compare with an independent reference themselves).
+            float64.
         shapes: ``(input shape, output shape)`` pairs.
         grad_shape: Input shape for ``gradcheck`` (small: it is numeric).
         bad_inputs: Extra ``(input, exception type, message regex)`` the Module must refuse.
         dims: Number of spatial dimensions of the input.
-        differentiable: Whether ``gradcheck`` applies (APS's choice is piecewise constant, but the gather is not).
     """
 
     layer: str
     make: Callable[[], nn.Module]
     function: Callable[[nn.Module, Tensor], Tensor]
-    reference: Callable[[nn.Module, Tensor], Tensor] | None
+    reference: Callable[[nn.Module, Tensor], Tensor]
     shapes: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]
     grad_shape: tuple[int, ...]
     bad_inputs: Sequence[tuple[Any, type[BaseException], str]] = field(default_factory=list)
     dims: int = 2
-    differentiable: bool = True
 
 
 def _input(shape: Sequence[int], seed: int, dtype: torch.dtype = torch.float64, device: str = "cpu") -> Tensor:
@@ -94,8 +92,6 @@ class LayerBattery:
             assert torch.equal(module(x), self.case.function(module, x))
 
     def test_matches_naive_reference(self) -> None:
-        if self.case.reference is None:
-            pytest.skip(f"{self.case.layer}: compared with its reference in its own tests")
         module = _module(self.case, torch.float64)
         for shape, _ in self.case.shapes:
             x = _input(shape, seed=2)
@@ -104,8 +100,6 @@ class LayerBattery:
                                            rtol=1e-10, atol=1e-10)
 
     def test_gradcheck(self) -> None:
-        if not self.case.differentiable:
-            pytest.skip(f"{self.case.layer} is not differentiable in its input")
         module = _module(self.case, torch.float64)
         x = _input(self.case.grad_shape, seed=3).mul_(0.5).requires_grad_(True)
         params = [p for p in module.parameters() if p.requires_grad]

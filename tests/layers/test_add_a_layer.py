@@ -8,6 +8,9 @@ and ``PhaseNet`` run it at every phase, and the shared battery checks it.
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,9 +108,23 @@ def test_unregistered_after_use() -> None:
         swap(torchvision.models.resnet18(), "l2pool", input_size=(3, 32, 32))
 
 
+def reference_l2_pool(module: L2Pool2d, x: Tensor) -> Tensor:
+    """``sqrt(mean(x^2))`` over the positions of each window that lie inside the input, by loops."""
+    (kh, kw), (sh, sw), (ph, pw) = module.kernel_size, module.stride, module.padding
+    n_, c_, h, w = x.shape
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1  # ceil_mode=False
+    y = torch.empty(n_, c_, oh, ow, dtype=torch.float64)
+    data = x.tolist()
+    for n, c, i, j in itertools.product(range(n_), range(c_), range(oh), range(ow)):
+        values = [data[n][c][r][q] for r in range(i * sh - ph, i * sh - ph + kh)
+                  for q in range(j * sw - pw, j * sw - pw + kw) if 0 <= r < h and 0 <= q < w]
+        y[n, c, i, j] = math.sqrt(sum(v * v for v in values) / len(values))
+    return y
+
+
 class TestL2Pool2dBattery(LayerBattery):
     case = LayerCase(
-        layer="l2pool", make=lambda: L2Pool2d(3, 2, 1, ceil_mode=True),
+        layer="l2pool", make=lambda: L2Pool2d(3, 2, 1),
         function=lambda m, x: l2_pool2d(x, m.kernel_size, m.stride, m.padding, m.ceil_mode),
-        reference=None, shapes=[((2, 3, 9, 8), (2, 3, 5, 5))], grad_shape=(1, 2, 5, 5),
+        reference=reference_l2_pool, shapes=[((2, 3, 9, 8), (2, 3, 5, 4))], grad_shape=(1, 2, 5, 5),
     )

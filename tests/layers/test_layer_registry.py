@@ -57,3 +57,24 @@ def test_create_layer_accepts_name_or_class():
 def test_public_api_exported():
     for name in layers.__all__:
         assert hasattr(layers, name), name
+
+
+def test_swap_and_site_rules_are_registries() -> None:
+    from polyglean.registry import Registry, UnknownNameError
+
+    assert isinstance(layers.SWAP_RULES, Registry) and isinstance(layers.SITE_RULES, Registry)
+    assert list(layers.SWAP_RULES) == ["adapool", "aps", "blurpool", "pasa", "softpool"]
+    assert list(layers.SITE_RULES) == ["aps"]
+    with pytest.raises(ValueError, match="a swap rule for layer 'blurpool' is already registered"):
+        layers.register_swap_rule("blurpool")(lambda ctx: None)
+    with pytest.raises(ValueError, match="a site rule for layer 'aps' is already registered"):
+        layers.register_site_rule("aps")(lambda ctx: {})
+    with pytest.raises(UnknownNameError, match="unknown swap rule 'blur'; choose one of: adapool, aps, blurpool"):
+        layers.SWAP_RULES.get("blur")
+
+
+def test_register_layer_with_rules_is_atomic() -> None:
+    """A duplicate name is refused before anything is registered."""
+    with pytest.raises(ValueError, match="'pasa' is already registered"):
+        register_layer("pasa", swap_rule=lambda ctx: None)(nn.Identity)
+    assert layers.SWAP_RULES["pasa"] is not None and LAYERS["pasa"] is layers.PASA2d
