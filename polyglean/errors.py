@@ -18,6 +18,7 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "ModelError",
+    "NotFoundError",
     "PolygleanError",
     "TraceError",
     "UnsupportedOpError",
@@ -35,6 +36,10 @@ class ArgumentError(PolygleanError, ValueError):
 
 class DataError(PolygleanError, ValueError):
     """A data set that cannot be read as described: missing files, bad labels, corrupt images."""
+
+
+class NotFoundError(PolygleanError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
 
 
 class CheckpointError(PolygleanError, ValueError):

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from polyglean.errors import ArgumentError
 
 __all__ = ["align", "align_static", "alignment_factor", "displacement"]
 
@@ -81,7 +82,7 @@ def align(features: Tensor, shift: Tensor, factor: tuple[int, int], dims: tuple[
         - output: like ``features``
     """
     if features.shape[0] != shift.shape[0]:
-        raise ValueError(f"got {features.shape[0]} feature maps but {shift.shape[0]} shifts")
+        raise ArgumentError(f"got {features.shape[0]} feature maps but {shift.shape[0]} shifts")
     out = features.clone()
     keys = [tuple(v) for v in shift.tolist()]
     for key in set(keys):

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from polyglean.aggregate.aggregators import AGGREGATORS, Aggregator
-from polyglean.errors import CheckpointError
+from polyglean.errors import ArgumentError, CheckpointError
 from polyglean.io import load_torch, write_torch
 
 __all__ = [
@@ -72,13 +72,13 @@ class AttentionAggregator(nn.Module, Aggregator):
                  hidden: int | None = None, spatial_dims: tuple[int, int] = (-2, -1)) -> None:
         super().__init__()
         if channels < 1 or dim < 1 or heads < 1:
-            raise ValueError(f"channels, dim and heads must be >= 1, got {channels}, {dim}, {heads}")
+            raise ArgumentError(f"channels, dim and heads must be >= 1, got {channels}, {dim}, {heads}")
         if dim % heads:
-            raise ValueError(f"heads ({heads}) must divide dim ({dim})")
+            raise ArgumentError(f"heads ({heads}) must divide dim ({dim})")
         if len(grid) != 2 or min(grid) < 1:
-            raise ValueError(f"grid must be two positive sizes (T_h, T_w), got {grid}")
+            raise ArgumentError(f"grid must be two positive sizes (T_h, T_w), got {grid}")
         if tuple(spatial_dims) not in ((-2, -1), (1, 2)):
-            raise ValueError(f"spatial_dims must be (-2, -1) or (1, 2), got {spatial_dims}")
+            raise ArgumentError(f"spatial_dims must be (-2, -1) or (1, 2), got {spatial_dims}")
         hidden = hidden or 2 * dim
         self.config = {"channels": channels, "grid": [int(grid[0]), int(grid[1])], "dim": dim, "heads": heads,
                        "hidden": hidden, "spatial_dims": [int(spatial_dims[0]), int(spatial_dims[1])]}
@@ -101,7 +101,7 @@ class AttentionAggregator(nn.Module, Aggregator):
     def _tokens(self, features: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         """``(N, B, ...)`` feature maps as ``(N, B, H*W, C)`` tokens, and the shape of one map."""
         if features.dim() != 5:
-            raise ValueError(f"features must be (N, B, C, H, W) or (N, B, H, W, C), got shape {tuple(features.shape)}")
+            raise ArgumentError(f"features must be (N, B, C, H, W) or (N, B, H, W, C), got shape {tuple(features.shape)}")
         per = tuple(features.shape[2:])
         if self.spatial_dims == (-2, -1):
             c = per[0]
@@ -110,15 +110,15 @@ class AttentionAggregator(nn.Module, Aggregator):
             c = per[-1]
             tokens = features.flatten(2, 3)
         if c != self.channels:
-            raise ValueError(f"this aggregator was built for {self.channels} channels, got feature maps {per}")
+            raise ArgumentError(f"this aggregator was built for {self.channels} channels, got feature maps {per}")
         return tokens, per
 
     def _check_shift(self, shift: Tensor, n: int, b: int) -> Tensor:
         if shift.shape != (n, b, 2):
-            raise ValueError(f"shift must be (N, B, 2) = ({n}, {b}, 2), got {tuple(shift.shape)}")
+            raise ArgumentError(f"shift must be (N, B, 2) = ({n}, {b}, 2), got {tuple(shift.shape)}")
         shift = shift.long()
         if (shift < 0).any() or (shift[..., 0] >= self.grid[0]).any() or (shift[..., 1] >= self.grid[1]).any():
-            raise ValueError(
+            raise ArgumentError(
                 f"displacements {shift.flatten(0, 1).unique(dim=0).tolist()} fall outside the grid {self.grid} this "
                 "aggregator was trained on (was it trained with another search space?)"
             )
@@ -187,7 +187,7 @@ def save_aggregator(path: str | Path, module: AttentionAggregator, *, meta: dict
     """
     for key in ("model", "model_sha256", "sites", "search_space", "align"):
         if key not in meta:
-            raise ValueError(f"aggregator metadata lacks {key!r}")
+            raise ArgumentError(f"aggregator metadata lacks {key!r}")
     payload = {"format": FORMAT, "version": VERSION, "config": dict(module.config), "meta": meta,
                "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}, **(extra or {})}
     write_torch(path, payload)

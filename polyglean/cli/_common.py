@@ -37,37 +37,19 @@ def model_source(args: argparse.Namespace) -> dict[str, Any]:
 
 def load_model(spec: str, weights: str | None = None, *, downsample: str | None = None,
                pretrained: bool = False, random_weights: int | None = None) -> tuple[Any, Any]:
-    """:func:`polyglean.experiments.load_eval_model` for a command: the model in eval mode and its preprocessing.
-
-    An unknown model spec is a :class:`~polyglean.errors.ModelError` (transitional: ``polyglean.models`` still
-    raises a bare ``ValueError`` for it; only that call is translated, nothing else).
-    """
-    from polyglean.errors import ModelError, PolygleanError
+    """:func:`polyglean.experiments.load_eval_model` for a command: the model in eval mode and its preprocessing."""
     from polyglean.experiments import load_eval_model
 
-    try:
-        model, preprocess = load_eval_model(spec, weights, downsample=downsample, pretrained=pretrained,
-                                            random_weights=random_weights)
-    except ValueError as err:
-        if isinstance(err, PolygleanError):
-            raise
-        raise ModelError(f"--model {spec}: {err}") from err
+    model, preprocess = load_eval_model(spec, weights, downsample=downsample, pretrained=pretrained,
+                                        random_weights=random_weights)
     return model.eval(), preprocess
 
 
 def phase_net(model: Any, input_size: Sequence[int]) -> Any:
-    """:class:`polyglean.phase.net.PhaseNet` of ``model``; an input size it refuses (smaller than the model's total
-    reduction) is a :class:`~polyglean.errors.ModelError` (transitional: ``PhaseNet`` still raises a bare
-    ``ValueError`` for it; only its construction is translated)."""
-    from polyglean.errors import ModelError, PolygleanError
+    """:class:`polyglean.phase.net.PhaseNet` of ``model`` for a command's input size."""
     from polyglean.phase.net import PhaseNet
 
-    try:
-        return PhaseNet(model, input_size=tuple(input_size))
-    except ValueError as err:
-        if isinstance(err, PolygleanError):
-            raise
-        raise ModelError(str(err)) from err
+    return PhaseNet(model, input_size=tuple(input_size))
 
 
 def names(text: str) -> list[str]:

@@ -20,10 +20,6 @@ from polyglean.errors import PolygleanError
 COMMANDS = {"demo": demo_cmd, "inspect": inspect_cmd, "eval": eval_cmd, "bench": bench_cmd,
             "train": train_cmd, "train-aggregator": train_aggregator_cmd, "export": export_cmd}
 
-# Transitional: these commands still report bad options and files with a bare ValueError or FileNotFoundError. Remove an entry once its command
-# raises polyglean.errors.ArgumentError; every other command's ValueError is a bug and keeps its traceback.
-_LEGACY_VALUE_ERRORS = {"train", "train-aggregator"}
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -46,11 +42,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(COMMANDS[args.command].run(args) or 0)
     except PolygleanError as err:  # the user's to fix: one line; anything else is a bug and keeps its traceback
-        print(f"polyglean {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as err:
-        if args.command not in _LEGACY_VALUE_ERRORS:
-            raise
         print(f"polyglean {args.command}: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
-from polyglean.errors import DataError
+from polyglean.errors import ArgumentError, DataError, NotFoundError
 
 __all__ = ["IMAGE_EXTENSIONS", "DataError", "ImageDataset", "dataset_fingerprint", "limit_dataset", "open_dataset",
            "parse_subset", "read_rgb", "subset_dataset"]
@@ -234,7 +234,7 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         self.root = Path(root)
         self.transform = transform
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data set folder not found: {self.root}")
+            raise NotFoundError(f"data set folder not found: {self.root}")
         csv_path = self.root / "labels.csv"
         self.classes: list[str] | None
         if csv_path.is_file():
@@ -300,7 +300,7 @@ def limit_dataset(dataset: Dataset[Any], limit: int | None, *, spread: bool = Fa
     if limit is None:
         return dataset
     if limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise ArgumentError(f"limit must be >= 0, got {limit}")
     n = len(dataset)  # type: ignore[arg-type]
     if limit >= n:
         return dataset
@@ -321,13 +321,13 @@ def parse_subset(text: str) -> tuple[int, int]:
     start_s, sep, stop_s = text.partition(":")
     try:
         if not sep:
-            raise ValueError
+            raise ArgumentError
         start = int(start_s) if start_s.strip() else 0
         stop = int(stop_s) if stop_s.strip() else -1
     except ValueError:
-        raise ValueError(f"a subset is START:STOP (e.g. 0:20000 or 650:), got {text!r}") from None
+        raise ArgumentError(f"a subset is START:STOP (e.g. 0:20000 or 650:), got {text!r}") from None
     if start < 0 or (stop != -1 and stop <= start):
-        raise ValueError(f"subset {text!r} is empty or negative; need 0 <= START < STOP")
+        raise ArgumentError(f"subset {text!r} is empty or negative; need 0 <= START < STOP")
     return start, stop
 
 
@@ -350,7 +350,7 @@ def subset_dataset(dataset: Dataset[Any], start: int, stop: int = -1, *, seed: i
     n = len(dataset)  # type: ignore[arg-type]
     stop = n if stop == -1 else stop
     if not 0 <= start < stop <= n:
-        raise ValueError(f"subset {start}:{stop} is outside a data set of {n} images")
+        raise ArgumentError(f"subset {start}:{stop} is outside a data set of {n} images")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return Subset(dataset, order[start:stop].tolist())
 

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 
-from polyglean.errors import DataError, PolygleanError
+from polyglean.errors import ArgumentError, DataError, PolygleanError
 
 __all__ = ["CheckedLoader", "make_loader"]
 
@@ -104,9 +104,9 @@ def make_loader(dataset: Dataset[Any] | Sequence[Any], *, batch_size: int, worke
         ValueError: ``batch_size`` < 1 or ``workers`` < 0.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
     if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
+        raise ArgumentError(f"workers must be >= 0, got {workers}")
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise DataError(f"the data set {dataset!r} holds no images")
     loader = DataLoader(_Guarded(dataset), batch_size=batch_size, shuffle=shuffle, generator=generator,

@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from polyglean.aggregate import AGGREGATORS, Aggregator
 from polyglean.errors import ArgumentError, DataError
 from polyglean.experiments.common import Outcomes, Progress, _nothing, build_search, metrics_row, model_classes
 from polyglean.phase.net import PhaseNet
 from polyglean.search import CRITERIA, PhaseSearch
+from polyglean.data.loader import make_loader
 
 __all__ = ["ClassificationConfig", "ClassificationResult", "calibrate_adaptive", "evaluate_classification"]
 
@@ -252,7 +253,7 @@ def evaluate_classification(net: PhaseNet, dataset: Dataset[Any], config: Classi
     budgets = sorted({1, *config.budgets})
     search, by_variant, own = _search(net, config, budgets[-1])
     num_classes = model_classes(net.model, net.input_size, config.device)
-    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers)
+    loader = make_loader(dataset, batch_size=config.batch_size, workers=config.workers)
     collected = _collect(search, loader, budgets, by_variant, own, config, num_classes, total, progress)
     rows, outcomes, target = _rows(collected, budgets, config.budgets, config.variants())
     return ClassificationResult(rows, outcomes, target, [s.name for s in search.search_space],
@@ -276,7 +277,7 @@ def calibrate_adaptive(net: PhaseNet, dataset: Dataset[Any], config: Classificat
         raise DataError("the fit data set is empty: nothing to calibrate on")
     plain = ClassificationConfig(**{**{f: getattr(config, f) for f in config.__dataclass_fields__}, "stop": None})
     search, _, _ = _search(net, plain, max(config.budgets))
-    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers)
+    loader = make_loader(dataset, batch_size=config.batch_size, workers=config.workers)
 
     def batches() -> Iterable[Tensor]:
         done = 0

@@ -120,18 +120,16 @@ def data_fingerprint(dataset: Any) -> str:
     return h.hexdigest()
 
 
-def model_classes(model: nn.Module, input_size: Sequence[int], device: str | torch.device = "cpu") -> int:
-    """The number of classes a classifier predicts (one forward of a zero image).
+def model_classes(model: nn.Module, input_size: Sequence[int], device: str | torch.device | None = None) -> int:
+    """The number of classes a classifier predicts: :func:`polyglean.models.num_classes` (``device`` is where the
+    model already is, kept for callers that pass it).
 
     Raises:
-        ArgumentError: the model does not return logits ``(1, K)``.
+        ModelError: the model does not return logits ``(1, K)``.
     """
-    with torch.no_grad():
-        out = model(torch.zeros(1, *input_size, device=device))
-    if not isinstance(out, Tensor) or out.dim() != 2:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ArgumentError(f"the evaluation needs a classifier returning logits (N, K); the model returned {shape}")
-    return int(out.shape[-1])
+    from polyglean.models import num_classes
+
+    return num_classes(model, input_size)
 
 
 @dataclass

@@ -21,13 +21,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from polyglean.errors import ArgumentError
 from polyglean.metrics_dense import DenseMeter, miou_difference
 from polyglean.phase.net import PhaseNet
 from polyglean.search.dense import DENSE_AGGREGATORS, DENSE_CRITERIA, DenseSearch
 from polyglean.tta.dense import MULTI_SCALES, tta_cost, tta_maps
+from polyglean.data.loader import make_loader
 
 __all__ = ["TTA_POLICIES", "DenseEvalConfig", "evaluate_segmentation"]
 
@@ -162,7 +163,7 @@ def evaluate_segmentation(model: nn.Module, dataset: Dataset, config: DenseEvalC
                 {"budget": config.tta_budget, "aggregate": f"{config.tta_aggregate}+mean-prob", "align": True,
                  "tta": name}, meter())
 
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=config.workers)
+    loader = make_loader(dataset, batch_size=config.batch_size, workers=config.workers)
     done, total_images = 0, len(dataset)  # type: ignore[arg-type]
     forward_flops = 0.0
     param = next(model.parameters(), None)

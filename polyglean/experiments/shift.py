@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from polyglean.errors import ArgumentError, CheckpointError, DataError
 from polyglean.experiments.common import Progress, _nothing, base_samples
 from polyglean.models import Preprocess
+from polyglean.data.loader import make_loader
 
 __all__ = ["CIFAR_MAX_SIDE", "ShiftConsistency", "load_eval_model", "shift_consistency"]
 
@@ -122,7 +123,7 @@ def shift_consistency(model: nn.Module, preprocess: Preprocess, dataset: Dataset
         pairs = (pairs.float() * scale).long()
     agree: list[torch.Tensor] = []
     done = 0
-    for x, _ in DataLoader(views, batch_size=batch_size, num_workers=workers):
+    for x, _ in make_loader(views, batch_size=batch_size, workers=workers):
         agree.append(shift_agreement(model, x.to(device), pairs[done:done + len(x)], protocol=protocol,
                                      crop_size=crop, fill=fill).cpu())
         done += len(x)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from polyglean.errors import ArgumentError, DataError
 from polyglean.experiments.common import (
@@ -36,6 +36,7 @@ from polyglean.experiments.common import (
 )
 from polyglean.models import Preprocess
 from polyglean.phase.net import PhaseNet
+from polyglean.data.loader import make_loader
 
 __all__ = ["TTAConfig", "TTAEvalResult", "evaluate_tta"]
 
@@ -177,7 +178,7 @@ def _views(tta: Any, dataset: Dataset[Any], budgets: list[int], config: TTAConfi
         raise DataError(f"the {stage} data set is empty")
 
     def batches() -> Any:
-        for x, y in DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers):
+        for x, y in make_loader(dataset, batch_size=config.batch_size, workers=config.workers):
             if len(y) and int(y.max()) >= num_classes:
                 raise DataError(f"label {int(y.max())} out of range for a model with {num_classes} classes")
             yield x, y

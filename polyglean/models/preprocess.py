@@ -21,6 +21,7 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
+from polyglean.errors import ArgumentError
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocess"]
 
@@ -101,12 +102,12 @@ class Preprocess:
             ValueError: unknown interpolation, non-positive sizes, or neither size given.
         """
         if interpolation not in _INTERPOLATIONS:
-            raise ValueError(f"interpolation {interpolation!r} is not one of {sorted(_INTERPOLATIONS)}")
+            raise ArgumentError(f"interpolation {interpolation!r} is not one of {sorted(_INTERPOLATIONS)}")
         side = crop if crop is not None else resize
         if side is None:
-            raise ValueError("Preprocess.resize_crop needs resize or crop (or both)")
+            raise ArgumentError("Preprocess.resize_crop needs resize or crop (or both)")
         if (resize is not None and resize <= 0) or side <= 0:
-            raise ValueError(f"sizes must be positive, got resize={resize}, crop={crop}")
+            raise ArgumentError(f"sizes must be positive, got resize={resize}, crop={crop}")
         steps: list[nn.Module] = []
         parts: list[str] = []
         if resize is not None:

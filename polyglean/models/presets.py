@@ -23,6 +23,7 @@ from polyglean.models.efficientnet_lite import (
 from polyglean.models.hub import default_search_dirs, download_weights, find_weights
 from polyglean.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from polyglean.models.registry import ModelPreset, register_preset
+from polyglean.errors import ArgumentError
 
 __all__ = ["CIFAR_RESNET_FILES", "CIFAR_RESNET_URL", "cifar_preprocess", "cifar_resnet_weights", "lite0_preprocess",
            "lite_preprocess"]
@@ -50,7 +51,7 @@ def cifar_resnet_weights(depth: int, *, search_dirs: list[Path] | None = None) -
         WeightsUnavailableError: not found and the download failed.
     """
     if depth not in CIFAR_RESNET_FILES:
-        raise ValueError(f"no published CIFAR-10 ResNet weights for depth {depth}; have {sorted(CIFAR_RESNET_FILES)}")
+        raise ArgumentError(f"no published CIFAR-10 ResNet weights for depth {depth}; have {sorted(CIFAR_RESNET_FILES)}")
     filename = CIFAR_RESNET_FILES[depth]
     dirs = default_search_dirs("cifar10-resnet") if search_dirs is None else search_dirs
     found = find_weights(filename, dirs)
@@ -83,7 +84,7 @@ def lite_preprocess(variant: int) -> Preprocess:
         ValueError: a variant other than 1 or 2 (Lite0: :func:`lite0_preprocess`).
     """
     if variant not in _LITE:
-        raise ValueError(f"lite_preprocess covers EfficientNet-Lite{sorted(_LITE)}, got {variant}")
+        raise ArgumentError(f"lite_preprocess covers EfficientNet-Lite{sorted(_LITE)}, got {variant}")
     side, fraction, _ = _LITE[variant]
     return Preprocess.resize_crop(resize=int(side / fraction), crop=side, mean=(127 / 255,) * 3,
                                   std=(128 / 255,) * 3, interpolation="bicubic")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from polyglean.errors import ModelError
+from polyglean.errors import ArgumentError, ModelError
 from polyglean.phase.functional import check_phase
 from polyglean.sites import Discovery, PhaseOp, Site, discover
 from polyglean.sites.ops import PhaseValue
@@ -113,7 +113,7 @@ class PhaseNet(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if len(input_size) != 3:
-            raise ValueError(f"input_size must be (C, H, W), got {tuple(input_size)}")
+            raise ArgumentError(f"input_size must be (C, H, W), got {tuple(input_size)}")
         check_eval_mode(model)
         self.model = model
         self.input_size = tuple(int(v) for v in input_size)
@@ -124,7 +124,7 @@ class PhaseNet(nn.Module):
         self._op_names = {name: s for s in found.sites for name in s.ops}
         rh, rw = self.max_reduction
         if self.input_size[1] < rh or self.input_size[2] < rw:
-            raise ValueError(
+            raise ArgumentError(
                 f"input size {self.input_size[1]}x{self.input_size[2]} is smaller than the model's largest path "
                 f"reduction {rh}x{rw}; use an input of at least {rh}x{rw}"
             )
@@ -214,7 +214,7 @@ class PhaseNet(nn.Module):
             ValueError: the model's head cannot be separated from its features.
         """
         if self._head_segment is None:
-            raise ValueError(
+            raise ArgumentError(
                 f"the head of {type(self.model).__name__} cannot be separated from its features (no single final "
                 "feature map feeds it); aggregate over logits instead"
             )
@@ -230,14 +230,14 @@ class PhaseNet(nn.Module):
             key = key.name
         if isinstance(key, int) and not isinstance(key, bool):
             if not -len(self._sites) <= key < len(self._sites):
-                raise ValueError(f"site index {key} out of range for {len(self._sites)} sites ({self._listing()})")
+                raise ArgumentError(f"site index {key} out of range for {len(self._sites)} sites ({self._listing()})")
             return self._sites[key]
         if isinstance(key, str):
             if key in self._by_name:
                 return self._by_name[key]
             if key in self._op_names:
                 return self._op_names[key]
-        raise ValueError(f"unknown site {key!r}; {self._listing()}")
+        raise ArgumentError(f"unknown site {key!r}; {self._listing()}")
 
     def entry_segment(self, site: str | int | Site) -> int:
         """Index of the segment a state differing from ``site`` on must be run from."""
@@ -256,7 +256,7 @@ class PhaseNet(nn.Module):
         pos = {n: i for i, n in enumerate(nodes)}
         inputs = [n for n in nodes if n.op == "placeholder"]
         if len(inputs) != 1:
-            raise ValueError(
+            raise ArgumentError(
                 f"{type(self.model).__name__}.forward takes {len(inputs)} inputs ({[n.name for n in inputs]}); "
                 "PhaseNet needs a model whose forward takes one image batch"
             )
@@ -387,15 +387,15 @@ class PhaseNet(nn.Module):
             raise TypeError(f"input must be a tensor (N, C, H, W), got {type(x).__name__}")
         check_eval_mode(self.model)
         if x.dim() != 4:
-            raise ValueError(f"input must be a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}")
+            raise ArgumentError(f"input must be a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}")
         if x.shape[1] != self.input_size[0]:
-            raise ValueError(
+            raise ArgumentError(
                 f"input has {x.shape[1]} channels but the model was inspected with {self.input_size[0]} "
                 f"(input_size={self.input_size})"
             )
         rh, rw = self.max_reduction
         if x.shape[-2] < rh or x.shape[-1] < rw:
-            raise ValueError(
+            raise ArgumentError(
                 f"input {x.shape[-2]}x{x.shape[-1]} is smaller than the model's largest path reduction {rh}x{rw}"
             )
         return x
@@ -424,7 +424,7 @@ class PhaseNet(nn.Module):
             return out
         if isinstance(phases, Sequence) and not isinstance(phases, (str, bytes)):
             if len(phases) != batch:
-                raise ValueError(f"got phases for {len(phases)} images but the batch has {batch}")
+                raise ArgumentError(f"got phases for {len(phases)} images but the batch has {batch}")
             table = torch.zeros(batch, len(self._sites), dtype=torch.long)
             for i, per_image in enumerate(phases):
                 if not isinstance(per_image, Mapping):
@@ -443,14 +443,14 @@ class PhaseNet(nn.Module):
             dy, dx = value
             return (int(dy), int(dx))
         except (TypeError, ValueError):
-            raise ValueError(f"phase for site '{site.name}' must be a pair (dy, dx), got {value!r}") from None
+            raise ArgumentError(f"phase for site '{site.name}' must be a pair (dy, dx), got {value!r}") from None
 
     def _encode_tensor(self, table: Tensor, batch: int) -> list[PhaseValue]:
         if table.dim() == 3 and table.shape[-1] == 2:
             widths = torch.tensor([s.factor[1] for s in self._sites], device=table.device)
             table = table[..., 0] * widths + table[..., 1]
         if table.dim() != 2 or table.shape != (batch, len(self._sites)):
-            raise ValueError(
+            raise ArgumentError(
                 f"a phase tensor must have shape (N, L) = ({batch}, {len(self._sites)}) of flat indices, "
                 f"got {tuple(table.shape)}"
             )
@@ -461,11 +461,11 @@ class PhaseNet(nn.Module):
         if column.dim() == 2 and column.shape[-1] == 2:
             column = column[:, 0] * site.factor[1] + column[:, 1]
         if column.shape != (batch,) or column.dtype.is_floating_point:
-            raise ValueError(f"phases of site '{site.name}' must be an integer tensor of shape ({batch},)")
+            raise ArgumentError(f"phases of site '{site.name}' must be an integer tensor of shape ({batch},)")
         lo, hi = int(column.min()), int(column.max())
         if lo < 0 or hi >= site.num_phases:
             bad = lo if lo < 0 else hi
-            raise ValueError(
+            raise ArgumentError(
                 f"phase index {bad} out of range for factor {site.factor} at site '{site.name}' "
                 f"(expected 0 <= p < {site.num_phases})"
             )

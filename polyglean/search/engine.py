@@ -94,7 +94,7 @@ def _resolve(registry: Any, value: Any, base: type) -> Any:
     if isinstance(value, str):
         kind = registry.get(value)
         if getattr(kind, "requires_training", False):
-            raise ValueError(
+            raise ArgumentError(
                 f"the {value!r} {registry.kind} is a trained module: pass it as an object, e.g. "
                 "polyglean.load_aggregator(PATH) (train one with `polyglean train-aggregator`)")
         return kind()
@@ -147,32 +147,32 @@ class PhaseSearch:
         if not isinstance(net, PhaseNet):
             raise TypeError(f"net must be a PhaseNet, got {type(net).__name__}")
         if not net.sites:
-            raise ValueError(f"{type(net.model).__name__} has no subsampling sites: there are no phases to search")
+            raise ArgumentError(f"{type(net.model).__name__} has no subsampling sites: there are no phases to search")
         self.net = net
         self.criterion = _resolve(CRITERIA, criterion, Criterion)
         self.aggregator = _resolve(AGGREGATORS, aggregate, Aggregator)
         if aggregate_on not in ("features", "logits"):
-            raise ValueError(f"aggregate_on must be 'features' or 'logits', got {aggregate_on!r}")
+            raise ArgumentError(f"aggregate_on must be 'features' or 'logits', got {aggregate_on!r}")
         if aggregate_on == "features" and net.head_segment is None:
             net.head(torch.empty(0))  # raises the explanatory error
         self.aggregate_on = aggregate_on
         self.align = bool(align) and aggregate_on == "features"
         self.seed = seed
         if isinstance(phase_stride, bool) or not isinstance(phase_stride, int) or phase_stride < 1:
-            raise ValueError(f"phase_stride must be an int >= 1, got {phase_stride!r}")
+            raise ArgumentError(f"phase_stride must be an int >= 1, got {phase_stride!r}")
         self.phase_stride = phase_stride
         self.stop = parse_stop(stop)
         if self.stop is not None and self.stop.watches_aggregate and aggregate_on != "features":
-            raise ValueError("a stop rule that watches the aggregated prediction needs aggregate_on='features'")
+            raise ArgumentError("a stop rule that watches the aggregated prediction needs aggregate_on='features'")
         self.search_space = self._space(search_space)
         self._phases = {s.index: self._sub_grid(s) for s in self.search_space}
         if getattr(self.criterion, "needs_features", False):
             if aggregate_on != "features":
-                raise ValueError(f"criterion {type(self.criterion).__name__} reads feature maps; it needs "
+                raise ArgumentError(f"criterion {type(self.criterion).__name__} reads feature maps; it needs "
                                  "aggregate_on='features'")
             if getattr(self.criterion, "module", False) is None:
                 if not hasattr(self.aggregator, "attend"):
-                    raise ValueError("criterion 'learned' ranks candidates by the attention of the learned "
+                    raise ArgumentError("criterion 'learned' ranks candidates by the attention of the learned "
                                      "aggregator: use it with a learned aggregator (aggregate=load_aggregator(...))")
                 self.criterion.module = self.aggregator
         self.num_states = math.prod(len(self._phases[s.index]) for s in self.search_space)
@@ -194,7 +194,7 @@ class PhaseSearch:
                 search_space = [search_space]
             chosen = [self.net.site(k) for k in search_space]
             if not chosen:
-                raise ValueError("the search space is empty; name at least one site")
+                raise ArgumentError("the search space is empty; name at least one site")
         chosen = sorted({s.index: s for s in chosen}.values(), key=lambda s: s.index)
         return chosen
 
@@ -208,7 +208,7 @@ class PhaseSearch:
         if isinstance(budget, bool) or not isinstance(budget, int):
             raise TypeError(f"budget must be an int, got {budget!r}")
         if not 1 <= budget <= self.num_states:
-            raise ValueError(
+            raise ArgumentError(
                 f"budget {budget} out of range: the search space {[s.name for s in self.search_space]} has "
                 f"{self.num_states} states, so 1 <= budget <= {self.num_states}"
             )
@@ -309,7 +309,7 @@ class PhaseSearch:
     def _as_logits(out: Any) -> Tensor:
         if not isinstance(out, Tensor) or out.dim() != 2:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"the search needs a classifier returning logits (N, K); the model returned {shape}")
+            raise ArgumentError(f"the search needs a classifier returning logits (N, K); the model returned {shape}")
         return out
 
     def _select(self, cands: list[list[_Candidate]], top: int, space: list[int], entry: list[int],

@@ -131,7 +131,7 @@ def collect_candidates(search: PhaseSearch, batches: Iterable[tuple[Tensor, Tens
         on_batch: Called with the number of images after each batch (progress).
     """
     if search.aggregate_on != "features":
-        raise ValueError("collecting candidates needs a search that aggregates feature maps")
+        raise ArgumentError("collecting candidates needs a search that aggregates feature maps")
     feats: list[Tensor] = []
     shifts: list[Tensor] = []
     labels: list[Tensor] = []
@@ -143,7 +143,7 @@ def collect_candidates(search: PhaseSearch, batches: Iterable[tuple[Tensor, Tens
         if on_batch is not None:
             on_batch(len(y))
     if not labels:
-        raise ValueError("no images to collect candidates from")
+        raise ArgumentError("no images to collect candidates from")
     return CandidateSet(torch.cat(feats), torch.cat(shifts), torch.cat(labels))
 
 
@@ -184,7 +184,7 @@ def accuracy_by_budget(module: AttentionAggregator | None, head: Callable[[Tenso
     out = {}
     for b in budgets:
         if not 1 <= b <= data.budget:
-            raise ValueError(f"budget {b} out of range for {data.budget} cached candidates")
+            raise ArgumentError(f"budget {b} out of range for {data.budget} cached candidates")
         correct, nll = 0, 0.0
         for i in range(0, len(data), batch_size):
             f = data.features[i:i + batch_size, :b].float()

@@ -174,7 +174,7 @@ def make_optimizer(name: str, params: Iterable[nn.Parameter], *, lr: float, weig
                    ) -> torch.optim.Optimizer:
     """The optimizer ``name`` of :data:`OPTIMIZERS` (``sgd``: momentum 0.9, Nesterov; ``adamw``)."""
     if lr <= 0:
-        raise ValueError(f"learning rate must be > 0, got {lr}")
+        raise ArgumentError(f"learning rate must be > 0, got {lr}")
     return OPTIMIZERS.get(name)(params, lr, weight_decay)
 
 
@@ -212,7 +212,7 @@ def train_epoch(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], optim
         if on_batch is not None:
             on_batch(BatchStats(float(loss.detach()), right, n, total_loss / seen, 100.0 * correct / seen))
     if seen == 0:
-        raise ValueError("the training data loader yielded no batch")
+        raise ArgumentError("the training data loader yielded no batch")
     return {"loss": total_loss / seen, "top1": 100.0 * correct / seen, "images": float(seen)}
 
 

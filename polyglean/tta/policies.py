@@ -37,6 +37,7 @@ from collections.abc import Callable
 import torch
 
 from polyglean.registry import Registry
+from polyglean.errors import ArgumentError
 from polyglean.tta.augment import (
     Augmentation,
     Brightness,
@@ -173,5 +174,5 @@ def build_policy(
     augs = builder(tuple(input_size), pixels or Pixels(), seed)  # type: ignore[arg-type]
     seen = [a.name for a in augs]
     if len(set(seen)) != len(seen):  # pragma: no cover - a broken builder
-        raise ValueError(f"policy {name!r} repeats a view: {seen}")
+        raise ArgumentError(f"policy {name!r} repeats a view: {seen}")
     return augs
