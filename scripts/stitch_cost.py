@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from polyglean.io import write_json
 from polyglean.models import load_model
 from polyglean.phase.net import PhaseNet
-from polyglean.phase.stitch import edge_mask, plan, stitch_masked, uncertain_mask
+from polyglean.phase.stitch import edge_mask, plan, receptive_halo, stitch_masked, uncertain_mask
 from polyglean.provenance import machine
 
 
@@ -154,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     plain_flops = statistics.mean(rows["plain"]["flops"])
     plain_time = statistics.mean(rows["plain"]["time"])
     table = []
-    print(f"{args.case}: {len(files)} images, sites {sites}, halo {plan(net, last) and ''}")
-    print(f"{'configuration':28s} {'GFLOPs':>8s} {'x plain':>8s} {'time x':>7s} {'mask':>6s} {'run on':>7s} {'max err':>8s}")
+    halo = receptive_halo(net, plan(net, last))
+    print(f"{args.case}: {len(files)} images, sites {sites}, halo at the last site {halo}")
+    print(f"{'configuration':28s} {'GFLOPs':>8s} {'x plain':>8s} {'time x':>7s} {'mask':>6s} {'run on':>7s} "
+          f"{'max err':>8s}")
     for name, row in rows.items():
         entry = {
             "configuration": name,
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{area:>6s} {comp:>7s} {err:>8s}")
     if args.json:
         write_json(args.json, {"case": args.case, "images": [f.name for f in files], "sites": sites,
-                               "size": args.size, "results": table, "machine": machine()})
+                               "size": args.size, "halo": list(halo), "results": table, "machine": machine()})
     return 0
 
 

@@ -117,12 +117,12 @@ def _leaves(value: Any) -> list[Any]:
 
 
 def _rebuild(template: Any, leaves: Iterable[Any]) -> Any:
+    """``template``'s structure with its leaves replaced, in :func:`_leaves` order."""
     it = iter(leaves)
 
     def build(v: Any) -> Any:
         if isinstance(v, dict):
-            return type(v)((k, build(x)) for k, x in v.items()) if type(v) is not dict else {k: build(x)
-                                                                                             for k, x in v.items()}
+            return type(v)((k, build(x)) for k, x in v.items())
         if isinstance(v, (list, tuple)):
             items = [build(x) for x in v]
             return type(v)(*items) if hasattr(v, "_fields") else type(v)(items)
