@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from polyglean.io import write_json
 from polyglean.models import load_model
 from polyglean.phase.net import PhaseNet
-from polyglean.phase.stitch import edge_mask, plan, stitch_masked, uncertain_mask
+from polyglean.phase.stitch import edge_mask, plan, receptive_halo, stitch_masked, uncertain_mask
 from polyglean.provenance import machine
 
 
@@ -101,7 +101,35 @@ def measure(fn: Callable[[], Any], repeats: int) -> tuple[Any, float, int]:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return out, statistics.median(times), int(counter.get_total_flops())
+    return out, statistics.median(times) if times else float("nan"), int(counter.get_total_flops())
+
+
+def sweep(net: PhaseNet, transform: Callable[[Image.Image], Tensor], file: Path, last: list[str], sides: list[int],
+          out: Path | None) -> int:
+    """FLOPs of masked stitching against the mask's area, with square masks in the middle of the map."""
+    with Image.open(file) as im:
+        x = transform(im.convert("RGB"))[None]
+    rows = []
+    with torch.no_grad():
+        _, _, plain = measure(lambda: net(x), 0)
+        _, _, full = measure(lambda: net.stitch(x, last), 0)
+        fine = net.stitch(x, last).shape[-2:]
+        print(f"plain {plain / 1e9:.2f} GFLOPs, full stitching {full / 1e9:.2f} ({full / plain:.2f}x); fine grid "
+              f"{tuple(fine)}")
+        print(f"{'side':>5s} {'mask area':>9s} {'GFLOPs':>8s} {'x plain':>8s} {'map run on':>10s} {'tile':>9s}")
+        for side in sides:
+            mask = torch.zeros(1, *fine, dtype=torch.bool)
+            y0, x0 = (fine[0] - side) // 2, (fine[1] - side) // 2
+            mask[:, max(0, y0):y0 + side, max(0, x0):x0 + side] = True
+            res, _, flops = measure(lambda: stitch_masked(net, x, last, mask), 0)
+            rows.append({"side": side, "mask_area": float(mask.float().mean()), "gflops": flops / 1e9,
+                         "flop_ratio": flops / plain, "computed_share": res.computed, "tile": list(res.tile)})
+            print(f"{side:5d} {float(mask.float().mean()):9.1%} {flops / 1e9:8.2f} {flops / plain:8.2f} "
+                  f"{res.computed:10.0%} {str(res.tile):>9s}")
+    if out:
+        write_json(out, {"image": file.name, "sites": last, "plain_gflops": plain / 1e9, "full_gflops": full / 1e9,
+                         "sweep": rows, "machine": machine()})
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thresholds", type=float, nargs=3, default=[0.3, 0.5, 0.7])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", type=Path)
+    p.add_argument("--sweep", type=int, nargs="+", metavar="SIDE",
+                   help="instead: FLOPs of masked stitching at the last site for a centred square mask of each "
+                        "side (cells of the finer grid), on the first image")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     net, transform, sites = build(args.case, args.size)
@@ -121,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     factor = plan(net, last).factor
     files = sorted(f for f in Path(args.data).iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
     files = files[: args.images]
+    if args.sweep:
+        return sweep(net, transform, files[0], last, args.sweep, args.json)
     configs: list[tuple[str, Callable[[Tensor], Any]]] = [
         ("plain", lambda x: net(x)),
         (f"stitch {last[0]}", lambda x: net.stitch(x, last)),
@@ -154,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     plain_flops = statistics.mean(rows["plain"]["flops"])
     plain_time = statistics.mean(rows["plain"]["time"])
     table = []
-    print(f"{args.case}: {len(files)} images, sites {sites}, halo {plan(net, last) and ''}")
-    print(f"{'configuration':28s} {'GFLOPs':>8s} {'x plain':>8s} {'time x':>7s} {'mask':>6s} {'run on':>7s} {'max err':>8s}")
+    halo = receptive_halo(net, plan(net, last))
+    print(f"{args.case}: {len(files)} images, sites {sites}, halo at the last site {halo}")
+    print(f"{'configuration':28s} {'GFLOPs':>8s} {'x plain':>8s} {'time x':>7s} {'mask':>6s} {'run on':>7s} "
+          f"{'max err':>8s}")
     for name, row in rows.items():
         entry = {
             "configuration": name,
@@ -174,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{area:>6s} {comp:>7s} {err:>8s}")
     if args.json:
         write_json(args.json, {"case": args.case, "images": [f.name for f in files], "sites": sites,
-                               "size": args.size, "results": table, "machine": machine()})
+                               "size": args.size, "halo": list(halo), "results": table, "machine": machine()})
     return 0
 
 

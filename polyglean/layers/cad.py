@@ -251,11 +251,19 @@ def cad_swap(model: nn.Module, *, site: str | int | None = None, mask: str = "ed
     from polyglean.phase.net import PhaseNet
     from polyglean.phase.stitch import plan
 
+    if mask not in ("edge", "learned"):
+        raise ArgumentError(f"CAD mask must be 'edge' or 'learned', got {mask!r}")
+    unknown = set(mask_kwargs) - {"threshold", "width", "tau", "keep"}
+    if unknown:
+        raise ArgumentError(f"unknown CAD option(s) {sorted(unknown)}; known: keep, tau, threshold, width")
     copied = copy.deepcopy(model)
     net = PhaseNet(copied, input_size=input_size)
     if not net.sites:
         raise ModelError(f"{type(model).__name__} has no subsampling site to make content-adaptive")
-    chosen = net.site(site if site is not None else -1)
+    try:
+        chosen = net.site(site if site is not None else -1)
+    except ValueError as err:
+        raise ArgumentError(str(err)) from None
     try:
         plan(net, [chosen])
     except (ArgumentError, ModelError) as err:

@@ -117,12 +117,12 @@ def _leaves(value: Any) -> list[Any]:
 
 
 def _rebuild(template: Any, leaves: Iterable[Any]) -> Any:
+    """``template``'s structure with its leaves replaced, in :func:`_leaves` order."""
     it = iter(leaves)
 
     def build(v: Any) -> Any:
         if isinstance(v, dict):
-            return type(v)((k, build(x)) for k, x in v.items()) if type(v) is not dict else {k: build(x)
-                                                                                             for k, x in v.items()}
+            return type(v)((k, build(x)) for k, x in v.items())
         if isinstance(v, (list, tuple)):
             items = [build(x) for x in v]
             return type(v)(*items) if hasattr(v, "_fields") else type(v)(items)
@@ -187,6 +187,15 @@ def _check_merges(net: PhaseNet, deps: dict[fx.Node, frozenset[int]]) -> None:
             )
 
 
+def _below(net: PhaseNet) -> dict[int, frozenset[int]]:
+    """For every site (by index), the sites upstream of any of its ops in the dataflow."""
+    upstream = _graph_deps(net, {s.index for s in net.sites})
+    below: dict[int, frozenset[int]] = {s.index: frozenset() for s in net.sites}
+    for n, (_, idx) in net.discovery.ops.items():
+        below[idx] = below[idx] | (upstream[n] - {idx})
+    return below
+
+
 def plan(net: PhaseNet, sites: Sequence[str | int | Site] | str | int | Site) -> StitchPlan:
     """Checks that ``sites`` can be stitched and works out how.
 
@@ -207,10 +216,7 @@ def plan(net: PhaseNet, sites: Sequence[str | int | Site] | str | int | Site) ->
     except ValueError as err:
         raise ArgumentError(str(err)) from None
     all_sites = net.sites
-    ops = net.discovery.ops
-    upstream = _graph_deps(net, {s.index for s in all_sites})
-    first_op = {idx: n for n, (_, idx) in reversed(list(ops.items()))}
-    below = {s.index: upstream[first_op[s.index]] - {s.index} for s in all_sites}  # sites each site depends on
+    below = _below(net)
     for a in chosen:
         for s in all_sites:
             if a in below[s.index] and s.index not in chosen and s.num_phases > 1:
@@ -222,8 +228,8 @@ def plan(net: PhaseNet, sites: Sequence[str | int | Site] | str | int | Site) ->
     chosen.sort(key=lambda i: (len(below[i]), i))  # dataflow order: the first stitched site is upstream
     picked = tuple(all_sites[i] for i in chosen)
     deps = _graph_deps(net, set(chosen))
-    _check_merges(net, deps)
     _check_local(net, deps, picked[0])
+    _check_merges(net, deps)
     stages: list[tuple[int, list[int]]] = []
     for s in picked:
         seg = net.entry_segment(s)
@@ -688,12 +694,13 @@ def stitch_strides(net: PhaseNet) -> list[tuple[int, int] | None]:
     """Per site, the output stride that stitching from it (it and every later site) gives; ``None`` where the
     model cannot be stitched from there (a global op after it)."""
     strides: list[tuple[int, int] | None] = []
+    below = _below(net)
     for s in net.sites:
         try:
-            plan(net, net.sites[s.index:])
+            plan(net, [s] + [t for t in net.sites if s.index in below[t.index]])
         except (ArgumentError, ModelError):
             strides.append(None)
             continue
-        before = net.sites[:s.index]
+        before = [net.sites[i] for i in below[s.index]]
         strides.append((math.prod(b.factor[0] for b in before), math.prod(b.factor[1] for b in before)))
     return strides

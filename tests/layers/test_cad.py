@@ -149,3 +149,7 @@ class TestSwap:
             cad_swap(body, site="layer3.0", input_size=(3, 64, 64))
         with pytest.raises(ArgumentError, match="'edge' or 'learned'"):
             cad_swap(body, mask="sobel", input_size=(3, 64, 64))
+        with pytest.raises(ArgumentError, match="unknown CAD option"):
+            cad_swap(body, input_size=(3, 64, 64), filter_size=3)
+        with pytest.raises(ArgumentError, match="unknown site 'layer9'"):
+            cad_swap(body, site="layer9", input_size=(3, 64, 64))

@@ -252,3 +252,46 @@ def test_stitch_strides() -> None:
     assert stitch_strides(body) == [(1, 1), (2, 2), (4, 4), (8, 8), (16, 16)]
     full = PhaseNet(torchvision.models.resnet18().eval(), input_size=(3, 64, 64))
     assert stitch_strides(full) == [None] * 5
+
+
+class _Injection(nn.Module):
+    """A main path and a side branch that pools the image twice and meets it at level 2 (as ESPNet's input
+    projections do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, 2, 1)
+        self.pool_a = nn.AvgPool2d(3, 2, 1)
+        self.pool_b = nn.AvgPool2d(3, 2, 1)
+        self.conv2 = nn.Conv2d(4, 4, 3, 2, 1)
+        self.conv3 = nn.Conv2d(7, 2, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(torch.cat([self.conv2(torch.relu(self.conv1(x))), self.pool_b(self.pool_a(x))], 1))
+
+
+class TestBranches:
+    def test_side_branch_rules(self) -> None:
+        net = PhaseNet(_Injection().eval(), input_size=(3, 32, 32))
+        assert [(s.name, s.ops) for s in net.sites] == [("conv1", ("conv1",)), ("conv2", ("conv2", "pool_b")),
+                                                         ("pool_a", ("pool_a",))]
+        level2 = net.site("conv2")
+        with pytest.raises(ArgumentError, match=f"site '{level2.name}' lies after the stitched site 'pool_a'"):
+            plan(net, ["pool_a"])
+        with pytest.raises(ArgumentError, match="different stitched sites"):
+            plan(net, ["pool_a", level2.name])
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            out = net.stitch(x, [level2.name])
+            for dy, dx in [(0, 1), (1, 1)]:
+                assert torch.allclose(out[..., dy::2, dx::2], net(x, phases={level2.name: (dy, dx)}), atol=1e-6)
+
+    def test_camvid_models_refused_by_name(self) -> None:
+        from polyglean.models.segmentation import cgnet_camvid, espnet_camvid
+
+        espnet = PhaseNet(espnet_camvid().eval(), input_size=(3, 64, 64))
+        with pytest.raises(ModelError, match="'up_l3.0' \\(ConvTranspose2d\\)"):
+            plan(espnet, [espnet.sites[-1].name])
+        cgnet = PhaseNet(cgnet_camvid().eval(), input_size=(3, 64, 64))
+        with pytest.raises(ModelError, match="'mean'"):
+            plan(cgnet, [cgnet.sites[-1].name])
