@@ -39,8 +39,8 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, bins: int = 15) -
     probs = logits.float().softmax(-1)
     conf, pred = probs.max(-1)
     correct = (pred == labels).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    ece = torch.zeros(())
+    edges = torch.linspace(0, 1, bins + 1, device=conf.device)
+    ece = torch.zeros((), device=conf.device)
     for lo, hi in zip(edges[:-1], edges[1:]):
         inside = (conf > lo) & (conf <= hi)
         if inside.any():
