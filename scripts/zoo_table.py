@@ -25,7 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from polyglean.cli.eval import machine, write_json_atomic
-from polyglean.finetune import build_model
+from polyglean.training.finetune import build_model
 
 
 def throughput(models: list[torch.nn.Module], input_size: tuple[int, ...], batch: int, repeats: int

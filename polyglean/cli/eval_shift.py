@@ -25,7 +25,7 @@ CIFAR_MAX_SIDE = 64
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``--downsample`` and ``--shift-consistency`` flags of ``polyglean eval``."""
-    from polyglean.finetune import DOWNSAMPLES
+    from polyglean.training.finetune import DOWNSAMPLES
 
     p.add_argument("--downsample", choices=DOWNSAMPLES.names(),
                    help="swap the model's subsampling layers to this layer (as `polyglean train --downsample`); "
@@ -56,7 +56,7 @@ def load(args: argparse.Namespace) -> tuple[nn.Module, Preprocess]:
         CheckpointError: the checkpoint records another model or downsample, or ``--downsample`` is given with
             weights that ``polyglean train`` did not write.
     """
-    from polyglean.finetune import build_model, load_finetuned, read_checkpoint
+    from polyglean.training.finetune import build_model, load_finetuned, read_checkpoint
     from polyglean.models import CheckpointError, load_model
 
     if args.weights is not None:

@@ -17,7 +17,7 @@ import torch
 
 
 def add_parser(sub: Any, name: str) -> None:
-    from polyglean.finetune import DOWNSAMPLES, OPTIMIZERS
+    from polyglean.training.finetune import DOWNSAMPLES, OPTIMIZERS
 
     p = sub.add_parser(
         name,
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from polyglean.data import ImageDataset, limit_dataset
-    from polyglean.finetune import (
+    from polyglean.training.finetune import (
         build_model,
         evaluate_loss,
         load_finetuned,

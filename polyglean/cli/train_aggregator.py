@@ -68,7 +68,7 @@ def _candidates(args: argparse.Namespace, search: Any, root: str, subset: str | 
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from polyglean.aggregate.train import CandidateSet, collect_candidates
+    from polyglean.training.aggregator import CandidateSet, collect_candidates
 
     key = {**meta, "data": str(Path(root).resolve()), "subset": subset}
     path = None
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         save_aggregator,
     )
     from polyglean.aggregate.learned import read_checkpoint
-    from polyglean.aggregate.train import accuracy_by_budget, cosine_schedule, train_epoch
+    from polyglean.training.aggregator import accuracy_by_budget, cosine_schedule, train_epoch
     from polyglean.models import load_model
     from polyglean.phase.net import PhaseNet
     from polyglean.search import PhaseSearch

@@ -18,7 +18,7 @@ from polyglean.aggregate import (
     model_fingerprint,
     save_aggregator,
 )
-from polyglean.aggregate.train import CandidateSet, accuracy_by_budget, collect_candidates, train_epoch
+from polyglean.training.aggregator import CandidateSet, accuracy_by_budget, collect_candidates, train_epoch
 from polyglean.search import PhaseSearch
 from polyglean.search.criteria import LearnedCriterion
 from tests.phase.test_net import lively

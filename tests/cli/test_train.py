@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from polyglean.cli.main import main
-from polyglean.finetune import CHECKPOINT_FORMAT
+from polyglean.training.finetune import CHECKPOINT_FORMAT
 
 pytestmark = [pytest.mark.data]
 
@@ -52,7 +52,7 @@ def test_train_resume_and_eval(shared_data: Path, tiny: Path, tmp_path: Path, mo
     full = torch.load(straight, weights_only=True)
     assert full["epoch"] == 2 and len(full["history"]) == 2
 
-    import polyglean.finetune as finetune  # a crash during epoch 2 leaves the checkpoint of epoch 1
+    import polyglean.training.finetune as finetune  # a crash during epoch 2 leaves the checkpoint of epoch 1
 
     calls = []
     real = finetune.train_epoch

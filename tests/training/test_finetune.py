@@ -1,4 +1,4 @@
-"""polyglean.finetune: pretrained initialisation through the swap, atomic checkpoints, strict reloading."""
+"""polyglean.training.finetune: pretrained initialisation through the swap, atomic checkpoints, strict reloading."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from polyglean.finetune import (
+from polyglean.training.finetune import (
     CHECKPOINT_FORMAT,
     DOWNSAMPLES,
     build_model,

@@ -20,8 +20,9 @@ from torch import Tensor
 
 from polyglean.aggregate.align import align as align_features
 from polyglean.aggregate.learned import AttentionAggregator, save_atomic
+from polyglean.search import PhaseSearch
 
-__all__ = ["CandidateSet", "accuracy_by_budget", "collect_candidates", "train_epoch"]
+__all__ = ["CandidateSet", "accuracy_by_budget", "collect_candidates", "cosine_schedule", "train_epoch"]
 
 
 @dataclass
@@ -74,7 +75,7 @@ class CandidateSet:
         return CandidateSet(out, self.shift, self.labels, {**self.meta, "aligned": True})
 
 
-def collect_candidates(search: Any, batches: Iterable[tuple[Tensor, Tensor]],
+def collect_candidates(search: PhaseSearch, batches: Iterable[tuple[Tensor, Tensor]],
                        on_batch: Callable[[int], None] | None = None) -> CandidateSet:
     """Runs ``search`` (a :class:`~polyglean.search.PhaseSearch` aggregating features) on every batch and keeps
     each image's candidates: final feature maps (float16, unaligned), displacements and labels.
