@@ -1,12 +1,5 @@
-"""Arguments several commands share."""
+"""Kept so that branches written against it still merge; import from :mod:`polyglean.cli._common` instead."""
 
-from __future__ import annotations
+from polyglean.cli._common import add_model_arguments
 
-import argparse
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """``--model`` (required), ``--weights`` and ``--pretrained``, as :func:`polyglean.models.load_model` takes them."""
-    p.add_argument("--model", required=True, help="a preset, torchvision:NAME or timm:NAME")
-    p.add_argument("--weights", help="checkpoint for the model (loaded strictly, weights_only)")
-    p.add_argument("--pretrained", action="store_true", help="download the library's weights (torchvision/timm)")
+__all__ = ["add_model_arguments"]

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from polyglean.cli.eval import machine, write_json_atomic
+from polyglean.cli._common import check_outputs, machine, write_results
+from polyglean.errors import ArgumentError
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -44,18 +45,25 @@ def _median_seconds(fn: Any, repeats: int) -> float:
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
-    from polyglean.models import load_model
-    from polyglean.phase.net import PhaseNet
-    from polyglean.search import PhaseSearch
+    from polyglean.experiments import build_search, check_input_size
+    from polyglean.cli._common import load_model, phase_net
 
     if args.repeats < 1 or args.batch_size < 1:
-        raise ValueError("--repeats and --batch-size must be >= 1")
+        raise ArgumentError(f"--repeats and --batch-size must be >= 1, got {args.repeats} and {args.batch_size}")
+    if args.budget < 1:
+        raise ArgumentError(f"budget {args.budget} out of range: the budget is >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise ArgumentError(f"--threads must be >= 1, got {args.threads}")
+    if args.input_size:
+        check_input_size((3, *args.input_size), args.batch_size)
+    check_outputs(json=args.json_out)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, preprocess = load_model(args.model, args.weights)
     size = preprocess.input_size if not args.input_size else (preprocess.input_size[0], *args.input_size)
-    net = PhaseNet(model, input_size=size)
-    search = PhaseSearch(net, budget=args.budget, criterion=args.criterion, aggregate=args.aggregate)
+    check_input_size(size, args.batch_size)
+    net = phase_net(model, size)
+    search = build_search(net, budget=args.budget, criterion=args.criterion, aggregate=args.aggregate)
     x = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(0))
     result: dict[str, Any] = {}
 
@@ -95,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"time ratio      {out['time_ratio']:9.2f}x   FLOP ratio {out['flop_ratio']:.2f}x   "
           f"without reuse {out['flop_ratio_without_reuse']:.0f}x   time/FLOP ratio {out['time_over_flop_ratio']:.2f}")
     if args.json_out:
-        write_json_atomic(args.json_out, out)
+        write_results(args.json_out, out)
     else:
         print(json.dumps({k: v for k, v in out.items() if k != "machine"}))
     return 0

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from polyglean.errors import ArgumentError
+
 DEFAULT_IMAGES = ("chelsea", "coffee", "astronaut", "rocket")
 
 
@@ -36,7 +38,7 @@ def _load_images(names: list[str]) -> list[tuple[str, Any]]:
     for name in names:
         loader = getattr(samples, name, None)
         if loader is None or not callable(loader):
-            raise ValueError(f"unknown sample image {name!r}; try one of: {', '.join(DEFAULT_IMAGES)}, cat, ...")
+            raise ArgumentError(f"unknown sample image {name!r}; try one of: {', '.join(DEFAULT_IMAGES)}, cat, ...")
         array = loader()
         if array.ndim == 2:
             array = array[..., None].repeat(3, -1)
@@ -100,17 +102,20 @@ def figure(net: Any, search: Any, image: Any, x: torch.Tensor, states: torch.Ten
 def run(args: argparse.Namespace) -> int:
     from timm.data import ImageNetInfo
 
-    from polyglean.models import load_model
-    from polyglean.phase.net import PhaseNet
-    from polyglean.search import PhaseSearch
+    from polyglean.cli._common import load_model, phase_net
+    from polyglean.experiments import build_search
 
     names = [n.strip() for n in args.images.split(",") if n.strip()]
     if not names:
-        raise ValueError("--images is empty")
+        raise ArgumentError("--images is empty")
+    if args.budget < 1:
+        raise ArgumentError(f"budget {args.budget} out of range: the budget is >= 1")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ArgumentError(f"--out {args.out!r} is a file; give a folder")
     images = _load_images(names)
     model, preprocess = load_model("imagenet-efficientnet-lite0")
-    net = PhaseNet(model, input_size=preprocess.input_size)
-    search = PhaseSearch(net, budget=args.budget, criterion=args.criterion, aggregate=args.aggregate)
+    net = phase_net(model, preprocess.input_size)
+    search = build_search(net, budget=args.budget, criterion=args.criterion, aggregate=args.aggregate)
     x = torch.stack([preprocess(img) for _, img in images])
     result = search.run(x, budgets=sorted({1, args.budget}))
     info = ImageNetInfo()

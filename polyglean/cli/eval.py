@@ -1,31 +1,45 @@
-"""``polyglean eval``: the phase search on a labelled image folder, at several budgets in one pass."""
+"""``polyglean eval``: the phase search on a labelled image folder at several budgets in one pass; with ``--tta``,
+image-space TTA over it; with ``--downsample``/``--shift-consistency``, swapped models and shift consistency.
+
+This module parses and checks the options, then calls :mod:`polyglean.experiments` and prints, writes and plots
+what it returns.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from polyglean.cli._common import (
+    Bars,
+    add_model_arguments,
+    check_outputs,
+    delta_cells,
+    int_list,
+    load_model,
+    phase_net,
+    names,
+    refuse_repeats,
+    table,
+    write_results,
+)
+from polyglean.errors import ArgumentError
 
-from polyglean.cli._args import add_model_arguments
-from polyglean.metrics import classification_metrics
+PARTS = ("all", "even", "odd")
+TTA_FLAGS = ("tta_policy", "tta_budget", "tta_fit_data", "tta_fit_limit", "tta_fit_part", "tta_data_part",
+             "tta_weights", "tta_save", "tta_cache", "tta_seed")
+"""Flags that mean something only with ``--tta``: refused without it."""
 
 
-def _budgets(text: str) -> list[int]:
+def _subset(text: str) -> tuple[int, int]:
+    from polyglean.data import parse_subset
+
     try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--budgets must be comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("--budgets is empty")
-    return values
+        return parse_subset(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -36,73 +50,267 @@ def add_parser(sub: Any, name: str) -> None:
         name,
         help="evaluate the phase search on labelled images",
         description="Run the greedy phase search on every image of a labelled folder and report, per budget, "
-        "top-1/top-5 accuracy, NLL, ECE, images fixed/broken against the plain model (budget 1), wall time and "
-        "forward-pass equivalents (FLOPs). All budgets come from one search to the largest.",
+        "top-1/top-5 accuracy, NLL, ECE, the change of top-1 against the plain model (budget 1) with a paired 95%% "
+        "bootstrap interval and McNemar's p (images fixed/broken), wall time and forward-pass equivalents (FLOPs). "
+        "All budgets come from one search to the largest.",
     )
     add_model_arguments(p)
     p.add_argument("--data", required=True, help="class folders, or images/ + labels.csv (file,class_index)")
-    p.add_argument("--budgets", type=_budgets, default=[1, 4, 10, 15], help="comma-separated (default 1,4,10,15)")
+    p.add_argument("--budgets", type=int_list("--budgets"), default=[1, 4, 10, 15],
+                   help="comma-separated (default 1,4,10,15)")
     p.add_argument("--criterion", default="entropy", choices=CRITERIA.names())
     p.add_argument("--aggregate", default="entropy",
-                   help=f"one or more, comma-separated, from: {', '.join(AGGREGATORS.names())} (default entropy); "
-                        "all come from the same search")
+                   help=f"one or more, comma-separated, each once, from: {', '.join(AGGREGATORS.names())} (default "
+                        "entropy); all come from the same search")
     p.add_argument("--aggregator", metavar="PATH", nargs="+",
                    help="trained aggregator(s) for --aggregate learned / --criterion learned: one trained on aligned "
                         "features, one on unaligned ones, or both (with --align-both); default: the one shipped for "
                         "the preset, if any")
     p.add_argument("--aggregate-on", default="features", choices=["features", "logits"])
-    p.add_argument("--no-align", action="store_true", help="aggregate feature maps without aligning them")
-    p.add_argument("--align-both", action="store_true", help="report every aggregate with and without alignment")
+    p.add_argument("--no-align", action="store_true",
+                   help="aggregate feature maps without aligning them, in every row; a learned row needs an "
+                        "aggregator trained without alignment (refused otherwise, never replaced by the other)")
+    p.add_argument("--align-both", action="store_true",
+                   help="report every aggregate with and without alignment (learned: for each alignment a trained "
+                        "aggregator is given for)")
     p.add_argument("--search-space", nargs="+", metavar="SITE",
                    help="sites to search, by name or index (default: all but the first and last)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--limit", type=int, help="evaluate only the first N images (evenly spread over the classes)")
-    p.add_argument("--subset", help="START:STOP of a fixed shuffled order of the images (e.g. 650: for the half of "
-                                    "imagenet-val1300 an aggregator was not trained on)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
+    p.add_argument("--limit", type=int, help="evaluate only N images (evenly spread over the selection), last")
+    p.add_argument("--subset", type=_subset,
+                   help="START:STOP of a fixed shuffled order of the images (e.g. 650: for the half of "
+                        "imagenet-val1300 an aggregator was not trained on); after --tta-data-part, before --limit")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random criterion and the shift offsets")
     p.add_argument("--workers", type=int, default=1, help="data-loading worker processes")
     p.add_argument("--json", dest="json_out", help="write the results here (atomically)")
     p.add_argument("--plot", help="write a figure of accuracy against budget and against cost (PNG)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from polyglean.cli import eval_tta
-
-    eval_tta.add_arguments(p)
-    from polyglean.cli import eval_shift
-
-    eval_shift.add_arguments(p)
+    _add_tta_arguments(p)
+    _add_shift_arguments(p)
 
 
-def machine() -> dict[str, Any]:
-    """Where a result was measured: machine, library versions and the repository commit."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, check=False).stdout.strip() or None
-    except OSError:
-        commit = None
+def _add_tta_arguments(p: argparse.ArgumentParser) -> None:
+    from polyglean.tta import POLICIES, TTA_AGGREGATORS
+
+    g = p.add_argument_group(
+        "image-space test-time augmentation (over phase search: B_total = B_image x B_phase)",
+        "Every view is searched with one --aggregate (no --align-both) at the phase budgets --budgets. The --tta-* "
+        "flags are refused without --tta.")
+    g.add_argument("--tta", default="none",
+                   help=f"TTA aggregator(s), comma-separated, each once, from: none, "
+                        f"{', '.join(TTA_AGGREGATORS.names())} (default none: the phase search alone). With TTA, "
+                        "--budgets are the phase budgets of every view")
+    g.add_argument("--tta-policy", help=f"augmentation policy: {', '.join(POLICIES.names())} (default flip)")
+    g.add_argument("--tta-budget", type=int_list("--tta-budget"),
+                   help="views per image, comma-separated (mean/max/augtta/classtta: the policy's first N views; "
+                        "gps: N greedy picks); default: all views of the policy")
+    g.add_argument("--tta-fit-data", help="held-out labelled images to fit gps/augtta/classtta on")
+    g.add_argument("--tta-fit-limit", type=int, help="fit on N images of --tta-fit-data, evenly spread")
+    g.add_argument("--tta-fit-part", choices=PARTS,
+                   help="fit on the even- or odd-numbered images of --tta-fit-data (file order), before "
+                        "--tta-fit-limit")
+    g.add_argument("--tta-data-part", choices=PARTS,
+                   help="evaluate the even- or odd-numbered images of --data (file order), before --subset and "
+                        "--limit")
+    g.add_argument("--tta-weights", help="load fitted gps/augtta/classtta state from this file instead of fitting")
+    g.add_argument("--tta-save", help="save the fitted TTA state here (reuse it with --tta-weights)")
+    g.add_argument("--tta-cache", help="folder caching every view's searched logits, keyed on the weights' and "
+                                       "images' content and every setting; reused across runs")
+    g.add_argument("--tta-seed", type=int, help="seed of the random-offset crops (default 0)")
+
+
+def _add_shift_arguments(p: argparse.ArgumentParser) -> None:
+    from polyglean.training.finetune import DOWNSAMPLES
+
+    p.add_argument("--downsample", choices=DOWNSAMPLES.names(),
+                   help="swap the model's subsampling layers to this layer (as `polyglean train --downsample`); "
+                        "with --weights, a checkpoint written by `polyglean train`")
+    p.add_argument("--shift-consistency", action="store_true",
+                   help="also report the plain model's shift consistency: %% of images whose prediction agrees "
+                        "between two random shifts (seeded by --seed)")
+
+
+# ------------------------------------------------------------------------------------------------ checking options
+def wants_tta(args: argparse.Namespace) -> bool:
+    """Whether ``args`` ask for TTA (anything but ``--tta none``)."""
+    return names(args.tta or "none") != ["none"]
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Refuses bad values and option combinations before any work (and before any model is loaded)."""
+    from polyglean.aggregate import AGGREGATORS
+
+    if args.batch_size < 1:
+        raise ArgumentError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise ArgumentError(f"--limit must be >= 1, got {args.limit}")
+    if args.workers < 0:
+        raise ArgumentError(f"--workers must be >= 0, got {args.workers}")
+    if args.budgets[0] < 1:
+        raise ArgumentError(f"budget {args.budgets[0]} out of range: budgets are >= 1")
+    aggregates = refuse_repeats("--aggregate", names(args.aggregate))
+    if not aggregates:
+        raise ArgumentError("--aggregate is empty; choose from: " + ", ".join(AGGREGATORS.names()))
+    for name in aggregates:
+        AGGREGATORS.get(name)  # unknown names list the known ones
+    if args.no_align and args.align_both:
+        raise ArgumentError("--no-align and --align-both contradict each other; give one")
+    if args.align_both and args.aggregate_on == "logits":
+        raise ArgumentError("--align-both: logits are never aligned; drop it or use --aggregate-on features")
+    if args.aggregator and "learned" not in aggregates and args.criterion != "learned":
+        raise ArgumentError("--aggregator is used only by --aggregate learned or --criterion learned; add one of "
+                            "them or drop --aggregator")
+    if not Path(args.data).is_dir():
+        raise ArgumentError(f"--data folder not found: {args.data}")
+    check_outputs(json=args.json_out, plot=args.plot, tta_save=args.tta_save)
+    if wants_tta(args):
+        _check_tta(args, aggregates)
+    else:
+        given = [f"--{f.replace('_', '-')}" for f in TTA_FLAGS if getattr(args, f) is not None]
+        if given:
+            raise ArgumentError(f"{', '.join(given)} apply only with --tta; add --tta or drop them")
+
+
+def _check_tta(args: argparse.Namespace, aggregates: list[str]) -> None:
+    from polyglean.tta import POLICIES, TTA_AGGREGATORS
+
+    if args.downsample or args.shift_consistency:
+        raise ArgumentError("--downsample and --shift-consistency are not supported together with --tta yet; "
+                            "run them without --tta")
+    if len(aggregates) > 1:
+        raise ArgumentError(f"--aggregate {args.aggregate}: with --tta every view is searched with one phase "
+                            "aggregation; give one name (run again for another)")
+    if args.align_both:
+        raise ArgumentError("--align-both is not supported with --tta; run once with and once with --no-align")
+    tta = refuse_repeats("--tta", names(args.tta))
+    for name in tta:
+        if name != "none":
+            TTA_AGGREGATORS.get(name)
+    POLICIES.get(args.tta_policy or "flip")
+    if args.tta_budget and args.tta_budget[0] < 1:
+        raise ArgumentError(f"--tta-budget must be >= 1, got {args.tta_budget[0]}")
+    if args.tta_fit_limit is not None and args.tta_fit_limit < 1:
+        raise ArgumentError(f"--tta-fit-limit must be >= 1, got {args.tta_fit_limit}")
+    fitted = [n for n in tta if n != "none" and TTA_AGGREGATORS.get(n).needs_fit]
+    if fitted:
+        if not (args.tta_fit_data or args.tta_weights):
+            raise ArgumentError(f"--tta {','.join(fitted)} must be fitted: pass held-out labelled images with "
+                                "--tta-fit-data DIR, or fitted state with --tta-weights FILE")
+        if args.tta_fit_data and args.tta_weights:
+            raise ArgumentError("--tta-fit-data and --tta-weights: give one (fit, or load a fit)")
+    else:
+        extra = [f for f, v in (("--tta-fit-data", args.tta_fit_data), ("--tta-weights", args.tta_weights),
+                                ("--tta-save", args.tta_save)) if v]
+        if extra:
+            raise ArgumentError(f"{', '.join(extra)}: --tta {args.tta} fits nothing (only gps, augtta and "
+                                "classtta are fitted)")
+    if (args.tta_fit_limit is not None or args.tta_fit_part) and not args.tta_fit_data:
+        raise ArgumentError("--tta-fit-limit and --tta-fit-part select images of --tta-fit-data; give it")
+    if args.tta_fit_data and not Path(args.tta_fit_data).is_dir():
+        raise ArgumentError(f"--tta-fit-data folder not found: {args.tta_fit_data}")
+
+
+# ------------------------------------------------------------------------------------------------ shared steps
+def _learned(args: argparse.Namespace, model: Any) -> dict[bool, Any]:
+    """The trained aggregators named by ``--aggregator`` (or the one shipped for the preset), by alignment."""
+    from polyglean.aggregate import load_aggregator, model_fingerprint, shipped_aggregator
+
+    if "learned" not in names(args.aggregate) and args.criterion != "learned":
+        return {}
+    paths = args.aggregator or [shipped_aggregator(args.model)]
+    if paths[0] is None:
+        raise ArgumentError(f"no trained aggregator ships for {args.model!r}: train one with `polyglean "
+                            "train-aggregator` and pass it with --aggregator PATH")
+    fingerprint = model_fingerprint(model)
+    modules: dict[bool, Any] = {}
+    for path in paths:
+        module = load_aggregator(path, model=args.model, fingerprint=fingerprint)
+        module.meta = {**module.meta, "path": str(path)}
+        al = bool(module.meta["align"])
+        if al in modules:
+            raise ArgumentError(f"--aggregator: {modules[al].meta['path']!r} and {str(path)!r} were both trained "
+                                f"{'with' if al else 'without'} alignment; give at most one of each")
+        modules[al] = module
+    return modules
+
+
+def _dataset(root: str, preprocess: Any, num_classes: int, part: str | None, subset: Any, limit: int | None) -> Any:
+    from polyglean.data import ImageDataset
+    from polyglean.experiments import ImageSelection, select_images
+
+    dataset = ImageDataset(root, preprocess, num_classes=num_classes)  # checks the labels' range
+    return select_images(dataset, ImageSelection(part=part or "all", subset=subset, limit=limit))
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, int]:
+    from polyglean.experiments import model_classes
+
+    model, preprocess = load_model(args.model, args.weights, downsample=args.downsample, pretrained=args.pretrained)
+    net = phase_net(model, preprocess.input_size)
+    return model, preprocess, net, model_classes(model, preprocess.input_size)
+
+
+def _header(args: argparse.Namespace) -> dict[str, Any]:
+    from polyglean.provenance import machine
+
+    return {"model": args.model, "weights": args.weights, "data": str(args.data), "machine": machine(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+# ------------------------------------------------------------------------------------------------ the phase search
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs the phase-search evaluation ``args`` describe and returns the JSON payload."""
+    from polyglean.experiments import ClassificationConfig, evaluate_classification, shift_consistency
+
+    aggregates = names(args.aggregate)
+    aligns = (True, False) if args.align_both else (not args.no_align and args.aggregate_on == "features",)
+    model, preprocess, net, num_classes = _load(args)
+    modules = _learned(args, model)
+    config = ClassificationConfig(
+        budgets=tuple(args.budgets), criterion=args.criterion, aggregates=tuple(aggregates), aligns=aligns,
+        aggregate_on=args.aggregate_on, search_space=tuple(args.search_space) if args.search_space else None,
+        learned=modules, batch_size=args.batch_size, workers=args.workers, seed=args.seed)
+    dataset = _dataset(args.data, preprocess, num_classes, None, args.subset, args.limit)
+    with Bars(args.model, not args.no_progress) as bars:
+        result = evaluate_classification(net, dataset, config, progress=bars)
+        shift = shift_consistency(model, preprocess, dataset, seed=args.seed, batch_size=args.batch_size,
+                                  workers=args.workers, progress=bars) if args.shift_consistency else None
     return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": str(torch.__version__),
-        "commit": commit,
+        **_header(args),
+        "config": {
+            "criterion": args.criterion, "aggregate": aggregates, "aggregate_on": args.aggregate_on,
+            "align": list(aligns), "search_align": result.search_align, "search_space": result.search_space,
+            "sites": result.sites, "batch_size": args.batch_size, "limit": args.limit, "seed": args.seed,
+            "subset": None if args.subset is None else list(args.subset),
+            "aggregators": {("aligned" if al else "unaligned"): {"path": m.meta["path"],
+                                                                 "training": m.meta.get("training")}
+                            for al, m in modules.items()},
+            "reference": "budget 1 of the same search (the plain model); intervals: paired bootstrap, 95%",
+        },
+        "results": result.rows,
+        "downsample": args.downsample,
+        **({"shift_consistency": shift.as_dict()} if shift else {}),
     }
 
 
-def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> None:
-    """Writes JSON to a temporary file beside ``path`` and renames it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def format_results(payload: dict[str, Any]) -> str:
+    """A plain-text table of the rows, and the shift consistency."""
+    cfg = payload["config"]
+    head = (f"{payload['model']} on {payload['data']}  criterion={cfg['criterion']} on={cfg['aggregate_on']} "
+            f"search={','.join(cfg['search_space'])}  (seconds: the search's wall time, shared by the aggregates; "
+            "d_top1: change against B=1 with its 95% interval; p: McNemar)")
+    cols = ("aggregate", "align", "budget", "top1", "top5", "nll", "ece", "d_top1 [95% CI]", "p", "fixed", "broken",
+            "n_images", "seconds", "fwd_eq")
+    rows = [(r["aggregate"], "yes" if r["align"] else "no", str(r["budget"]), f"{r['top1']:.2f}", f"{r['top5']:.2f}",
+             f"{r['nll']:.4f}", f"{r['ece']:.2f}", *delta_cells(r), str(r.get("fixed", "-")),
+             str(r.get("broken", "-")), str(r["n_images"]), f"{r['seconds']:.1f}", f"{r['forward_equivalents']:.2f}")
+            for r in payload["results"]]
+    text = table(cols, rows, head)
+    sc = payload.get("shift_consistency")
+    if sc:
+        text += (f"\nshift consistency ({sc['protocol']}, seed {sc['seed']}, {sc['n_images']} images): "
+                 f"{sc['percent']:.2f}%")
+    return text
 
 
 def plot_results(results: list[dict[str, Any]], title: str, path: str | Path) -> None:
@@ -113,8 +321,7 @@ def plot_results(results: list[dict[str, Any]], title: str, path: str | Path) ->
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
-    variants = dict.fromkeys((r["aggregate"], r["align"]) for r in results)
-    for a, al in variants:
+    for a, al in dict.fromkeys((r["aggregate"], r["align"]) for r in results):
         rows = [r for r in results if (r["aggregate"], r["align"]) == (a, al)]
         label = f"{a}{' aligned' if al else ''}"
         axes[0].plot([r["budget"] for r in rows], [r["top1"] for r in rows], "o-", label=label)
@@ -130,182 +337,115 @@ def plot_results(results: list[dict[str, Any]], title: str, path: str | Path) ->
     plt.close(fig)
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
+# ------------------------------------------------------------------------------------------------ TTA
+def evaluate_tta(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Runs the TTA evaluation ``args`` describe; returns the JSON payload and the fits (to save)."""
+    from polyglean.aggregate import model_fingerprint
+    from polyglean.experiments import TTAConfig
+    from polyglean.experiments import evaluate_tta as run_tta
+    from polyglean.tta import build_policy, load_fitted
 
-    from polyglean.data import DataError, ImageDataset, limit_dataset, parse_subset, subset_dataset
-    from polyglean.phase.net import PhaseNet
-    from polyglean.search import PhaseSearch
-
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    from polyglean.aggregate import AGGREGATORS
-
-    aggregates = [a.strip() for a in args.aggregate.split(",") if a.strip()]
-    for name in aggregates:
-        AGGREGATORS.get(name)  # unknown names fail before any work
-    aligns = [True, False] if args.align_both else [not args.no_align]
-    if args.aggregate_on == "logits":
-        aligns = [False]
-    from polyglean.cli import eval_shift
-
-    model, preprocess = eval_shift.load(args)  # load_model, or with --downsample the swapped architecture
-    net = PhaseNet(model, input_size=preprocess.input_size)
-    top = args.budgets[-1]
-    modules: dict[bool, Any] = {}  # trained aggregators by the alignment they were trained with
-    if "learned" in aggregates or args.criterion == "learned":
-        modules = _learned_aggregators(args, model)
-        if not any(al in modules for al in aligns):
-            aligns = sorted(modules, reverse=True)
-    variants = [(a, al) for a in aggregates for al in aligns if a != "learned" or al in modules]
-    if not variants:
-        raise ValueError("no aggregation left to report: the learned aggregator was trained "
-                         f"{'with' if True in modules else 'without'} alignment")
-    by_name = {(a, al): (modules[al] if a == "learned" else a) for a, al in variants}
-    learned = modules.get(aligns[0]) or next(iter(modules.values()), None)
-    if args.criterion == "learned":
-        aligns = [bool(learned.meta["align"]), *[al for al in aligns if al != learned.meta["align"]]]
-    first = learned if args.criterion == "learned" else by_name[variants[0]]
-    search = PhaseSearch(net, budget=top, criterion=args.criterion, aggregate=first,
-                         align=aligns[0], search_space=args.search_space, aggregate_on=args.aggregate_on,
-                         seed=args.seed)
-    for module in modules.values():  # the displacement code is only meaningful for the search space it was trained on
-        _check_learned(module, [s.name for s in search.search_space], module.meta["path"])
-    with torch.no_grad():
-        num_classes = model(torch.zeros(1, *preprocess.input_size)).shape[-1]
-    dataset = ImageDataset(args.data, preprocess, num_classes=num_classes)
-    if args.subset:
-        dataset = subset_dataset(dataset, *parse_subset(args.subset))
-    dataset = limit_dataset(dataset, args.limit, spread=True)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
-    logits: dict[tuple[str, bool, int], list[torch.Tensor]] = {(a, al, b): [] for a, al in variants
-                                                                for b in args.budgets}
-    labels: list[torch.Tensor] = []
-    module_alone: dict[bool, list[torch.Tensor]] = {}
-    seconds = dict.fromkeys(args.budgets, 0.0)
-    flops = dict.fromkeys(args.budgets, 0.0)
-    forward = 0.0
-    bar = tqdm(total=len(dataset), unit="img", disable=args.no_progress, desc=f"{args.model} B<={top}")
-    correct = 0
-    for x, y in loader:
-        if int(y.max()) >= num_classes:
-            raise DataError(f"label {int(y.max())} out of range for a model with {num_classes} classes")
-        result = search.run(x, budgets=args.budgets)
-        for b in args.budgets:
-            for a, al in variants:
-                same = al == aligns[0] and by_name[(a, al)] is first
-                out = result.logits[b] if same else search.combine(result, b, by_name[(a, al)], al)
-                logits[(a, al, b)].append(out.float())
-            seconds[b] += result.seconds_by_budget[b]
-            flops[b] += result.flops_by_budget[b]
-        for al, module in modules.items():  # control: the trained module on the default state alone
-            with torch.no_grad():
-                alone = net.head(module(result.features[:, :1], result.shift[:, :1]))
-            module_alone.setdefault(al, []).append(alone.float())
-        forward += result.forward_flops
-        labels.append(y)
-        correct += int((result.logits[top].argmax(-1) == y).sum())
-        bar.update(len(y))
-        bar.set_postfix({f"top1@{top}": f"{100 * correct / sum(len(v) for v in labels):.2f}"})
-    bar.close()
-    target = torch.cat(labels)
-    results = []
-    for a, al in variants:
-        reference = torch.cat(logits[(a, al, 1)]) if 1 in args.budgets else None
-        for b in args.budgets:
-            row = {"aggregate": a, "align": al, "budget": b,
-                   **classification_metrics(torch.cat(logits[(a, al, b)]), target, reference)}
-            row.update(n_images=len(target), seconds=seconds[b], forward_equivalents=flops[b] / forward)
-            results.append(row)
-    plain = torch.cat(logits[(variants[0][0], variants[0][1], 1)]) if 1 in args.budgets else None
-    for al, parts in module_alone.items():
-        # Not a search result: the learned module applied to the plain model's features, with no other candidate.
-        # What it gains here is adaptation of the features to the training data, not gleaned phases.
-        row = {"aggregate": "learned@default", "align": al, "budget": 1,
-               **classification_metrics(torch.cat(parts), target, plain)}
-        row.update(n_images=len(target), seconds=seconds.get(1, 0.0), forward_equivalents=1.0)
-        results.append(row)
-    shift_consistency = eval_shift.measure(args, model, preprocess, dataset)
-    return {
-        "model": args.model,
-        "weights": args.weights,
-        "data": str(args.data),
-        "config": {
-            "criterion": args.criterion, "aggregate": aggregates, "aggregate_on": args.aggregate_on,
-            "align": aligns, "search_space": [s.name for s in search.search_space],
-            "sites": [s.name for s in net.sites], "batch_size": args.batch_size, "limit": args.limit,
-            "seed": args.seed, "subset": args.subset,
-            "aggregators": {("aligned" if al else "unaligned"): {"path": m.meta["path"],
-                                                                 "training": m.meta.get("training")}
-                            for al, m in modules.items()},
-        },
-        "machine": machine(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "results": results,
-        "downsample": args.downsample,
-        **({"shift_consistency": shift_consistency} if shift_consistency else {}),
-    }
-
-
-def _learned_aggregators(args: argparse.Namespace, model: torch.nn.Module) -> dict[bool, Any]:
-    """The trained aggregators named by ``--aggregator`` (or the one shipped for the preset), by alignment."""
-    from polyglean.aggregate import load_aggregator, model_fingerprint, shipped_aggregator
-
-    paths = args.aggregator or [shipped_aggregator(args.model)]
-    if paths[0] is None:
-        raise ValueError(f"no trained aggregator ships for {args.model!r}: train one with `polyglean "
-                         "train-aggregator` and pass it with --aggregator PATH")
+    aggregate = names(args.aggregate)[0]
+    align = not args.no_align and args.aggregate_on == "features"
+    model, preprocess, net, num_classes = _load(args)
     fingerprint = model_fingerprint(model)
-    modules: dict[bool, Any] = {}
-    for path in paths:
-        module = load_aggregator(path, model=args.model, fingerprint=fingerprint)
-        module.meta = {**module.meta, "path": str(path)}
-        al = bool(module.meta["align"])
-        if al in modules:
-            raise ValueError(f"--aggregator: {modules[al].meta['path']!r} and {str(path)!r} were both trained "
-                             f"{'with' if al else 'without'} alignment; give at most one of each")
-        modules[al] = module
-    return modules
+    modules = _learned(args, model)
+    if modules and align not in modules:
+        trained = "with" if True in modules else "without"
+        raise ArgumentError(f"the learned aggregator was trained {trained} alignment; run {trained} alignment "
+                            f"({'drop --no-align' if trained == 'with' else 'add --no-align'}) or give another")
+    config = TTAConfig(
+        tta=tuple(names(args.tta)), policy=args.tta_policy or "flip",
+        view_budgets=tuple(args.tta_budget) if args.tta_budget else (None,), phase_budgets=tuple(args.budgets),
+        criterion=args.criterion, aggregate=aggregate, align=align, aggregate_on=args.aggregate_on,
+        search_space=tuple(args.search_space) if args.search_space else None, learned=modules.get(align),
+        seed=args.seed, tta_seed=args.tta_seed or 0, batch_size=args.batch_size, workers=args.workers,
+        model_id=args.model, cache=args.tta_cache)
+    states = None
+    if args.tta_weights:
+        views = [a.name for a in build_policy(config.policy, preprocess.input_size, seed=config.tta_seed)]
+        states = load_fitted(args.tta_weights, model=args.model, policy=config.policy, views=views,
+                             fingerprint=fingerprint)
+    test = _dataset(args.data, preprocess, num_classes, args.tta_data_part, args.subset, args.limit)
+    fit = (_dataset(args.tta_fit_data, preprocess, num_classes, args.tta_fit_part, None, args.tta_fit_limit)
+           if args.tta_fit_data else None)
+    with Bars(args.model, not args.no_progress) as bars:
+        result = run_tta(net, preprocess, test, config, fit_dataset=fit, fitted_states=states, progress=bars)
+    payload = {
+        **_header(args),
+        "config": {
+            "tta": list(config.tta), "policy": config.policy, "views": result.views,
+            "view_budgets": list(config.view_budgets), "phase_budgets": list(args.budgets),
+            "criterion": args.criterion, "aggregate": aggregate, "aggregate_on": args.aggregate_on,
+            "align": result.align, "search_space": result.search_space, "data_part": args.tta_data_part or "all",
+            "subset": None if args.subset is None else list(args.subset), "limit": args.limit,
+            "fit_data": args.tta_fit_data, "fit_part": args.tta_fit_part or "all", "fit_limit": args.tta_fit_limit,
+            "fit_images": result.fit_images, "tta_weights": args.tta_weights, "batch_size": args.batch_size,
+            "seed": args.seed, "tta_seed": config.tta_seed, "model_sha256": fingerprint,
+            "reference": "the plain model (input view, phase budget 1); intervals: paired bootstrap, 95%",
+        },
+        "results": result.rows,
+    }
+    return payload, result.fits
 
 
-def _check_learned(module: Any, space: list[str], name: str) -> None:
-    trained = list(module.meta.get("search_space", []))
-    if trained[:1] != space[:1]:
-        raise ValueError(f"aggregator {name!r} was trained with the search space {trained}; its displacement code "
-                         f"does not fit the search space {space} (pass --search-space {' '.join(trained)})")
-
-
-def format_results(payload: dict[str, Any]) -> str:
+def format_tta(payload: dict[str, Any]) -> str:
+    """A plain-text table of the TTA rows."""
     cfg = payload["config"]
-    head = (f"{payload['model']} on {payload['data']}  criterion={cfg['criterion']} on={cfg['aggregate_on']} "
-            f"search={','.join(cfg['search_space'])}  (seconds: the search's wall time, shared by the aggregates)")
-    cols = ("aggregate", "align", "budget", "top1", "top5", "nll", "ece", "fixed", "broken", "n_images", "seconds", "fwd_eq")
-    rows = [cols]
-    for r in payload["results"]:
-        rows.append((r["aggregate"], "yes" if r["align"] else "no", str(r["budget"]), f"{r['top1']:.2f}", f"{r['top5']:.2f}", f"{r['nll']:.4f}",
-                     f"{r['ece']:.2f}", str(r.get("fixed", "-")), str(r.get("broken", "-")), str(r["n_images"]),
-                     f"{r['seconds']:.1f}", f"{r['forward_equivalents']:.2f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
-    lines = [head] + ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-    from polyglean.cli import eval_shift
-
-    lines += [line for line in [eval_shift.format_line(payload.get("shift_consistency"))] if line]
-    return "\n".join(lines)
+    head = (f"{payload['model']} on {payload['data']} ({cfg['data_part']})  policy={cfg['policy']} "
+            f"({len(cfg['views'])} views)  search={','.join(cfg['search_space'])}  criterion={cfg['criterion']}  "
+            "(budget: views asked for, gps: picks; B_image: distinct views evaluated; fwd_eq, seconds: their cost; "
+            "d_top1: change against the plain model with its 95% interval; p: McNemar)")
+    cols = ("tta", "budget", "B_image", "B_phase", "B_total", "top1", "top5", "nll", "ece", "d_top1 [95% CI]", "p",
+            "fixed", "broken", "n_images", "fwd_eq", "seconds")
+    rows = [(r["tta"], "all" if r["view_budget"] is None else str(r["view_budget"]), str(r["b_image"]),
+             str(r["phase_budget"]), str(r["b_total"]), f"{r['top1']:.2f}", f"{r['top5']:.2f}", f"{r['nll']:.4f}",
+             f"{r['ece']:.2f}", *delta_cells(r), str(r["fixed"]), str(r["broken"]), str(r["n_images"]),
+             f"{r['forward_equivalents']:.2f}", f"{r['seconds']:.1f}") for r in payload["results"]]
+    return table(cols, rows, head)
 
 
+def plot_tta(payload: dict[str, Any], path: str) -> None:
+    """Top-1 against cost, one line per TTA aggregator and view budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), constrained_layout=True)
+    for name in dict.fromkeys(r["tta"] for r in payload["results"]):
+        for vb in dict.fromkeys(r["view_budget"] for r in payload["results"] if r["tta"] == name):
+            rows = [r for r in payload["results"] if r["tta"] == name and r["view_budget"] == vb]
+            ax.plot([r["forward_equivalents"] for r in rows], [r["top1"] for r in rows], "o-",
+                    label=f"{name} x{rows[0]['b_image']} views")
+    ax.set_xlabel("cost (forward-pass equivalents, FLOPs)")
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"{payload['model']}: TTA over phase search ({payload['config']['policy']})", fontsize=9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
 def run(args: argparse.Namespace) -> int:
-    from polyglean.cli import eval_shift, eval_tta
+    """Checks the options, runs the evaluation, prints the table, writes JSON (and a plot)."""
+    _check(args)
+    if wants_tta(args):
+        from polyglean.tta import save_fitted
 
-    eval_shift.check(args)
-    if eval_tta.wants_tta(args):  # image-space TTA, alone and over the phase search
-        return eval_tta.run(args)
+        payload, fits = evaluate_tta(args)
+        print(format_tta(payload))
+        write_results(args.json_out, payload)
+        if args.plot:
+            plot_tta(payload, args.plot)
+        if args.tta_save:
+            save_fitted(args.tta_save, fits, model=args.model, policy=payload["config"]["policy"],
+                        views=payload["config"]["views"], fingerprint=payload["config"]["model_sha256"])
+        return 0
     payload = evaluate(args)
     print(format_results(payload))
-    if args.json_out:
-        write_json_atomic(args.json_out, payload)
+    write_results(args.json_out, payload)
     if args.plot:
         plot_results(payload["results"], f"{payload['model']} — {Path(payload['data']).name}", args.plot)
     return 0

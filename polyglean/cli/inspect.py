@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from polyglean.phase.net import PhaseNet
+if TYPE_CHECKING:
+    from polyglean.phase.net import PhaseNet
 
 DEFAULT_MODEL = "imagenet-efficientnet-lite0"
 
@@ -78,19 +79,23 @@ def format_table(info: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from polyglean.models import list_models, load_model
+    from polyglean.cli._common import load_model, phase_net
+    from polyglean.models import list_models
 
     if args.list:
         print("\n".join(list_models()))
         print("or any torchvision:NAME / timm:NAME")
         return 0
+    from polyglean.experiments import check_input_size
+
+    if args.input_size:
+        check_input_size((3, *args.input_size))  # before the model is even loaded
     model, preprocess = load_model(args.model, args.weights)
     size = preprocess.input_size
     if args.input_size:
-        if min(args.input_size) < 1:
-            raise ValueError(f"--input-size must be positive, got {args.input_size}")
         size = (size[0], *args.input_size)
-    net = PhaseNet(model, input_size=size)
+        check_input_size(size)
+    net = phase_net(model, size)
     info = describe(net, args.model)
     print(json.dumps(info, indent=2) if args.json else format_table(info))
     return 0

@@ -14,19 +14,14 @@ from polyglean.cli import eval as eval_cmd
 from polyglean.cli import inspect as inspect_cmd
 from polyglean.cli import train as train_cmd
 from polyglean.cli import train_aggregator as train_aggregator_cmd
+from polyglean.errors import PolygleanError
 
 COMMANDS = {"demo": demo_cmd, "inspect": inspect_cmd, "eval": eval_cmd, "bench": bench_cmd,
             "train": train_cmd, "train-aggregator": train_aggregator_cmd}
 
-# Errors that are the user's to fix: printed as one line, never as a traceback.
-try:
-    from polyglean.models import CheckpointError, WeightsUnavailableError
-
-    _USER_ERRORS: tuple[type[BaseException], ...] = (
-        ValueError, TypeError, FileNotFoundError, CheckpointError, WeightsUnavailableError,
-    )
-except ImportError:  # pragma: no cover
-    _USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
+# Transitional: these commands still report bad options and files with a bare ValueError or FileNotFoundError. Remove an entry once its command
+# raises polyglean.errors.ArgumentError; every other command's ValueError is a bug and keeps its traceback.
+_LEGACY_VALUE_ERRORS = {"train", "train-aggregator"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,11 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from polyglean.sites import TraceError
-
     try:
         return int(COMMANDS[args.command].run(args) or 0)
-    except (*_USER_ERRORS, TraceError) as err:
+    except PolygleanError as err:  # the user's to fix: one line; anything else is a bug and keeps its traceback
+        print(f"polyglean {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as err:
+        if args.command not in _LEGACY_VALUE_ERRORS:
+            raise
         print(f"polyglean {args.command}: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like

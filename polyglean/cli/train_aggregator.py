@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from polyglean.cli._args import add_model_arguments
-from polyglean.cli.eval import machine
+from polyglean.provenance import machine
 
 
 def add_parser(sub: Any, name: str) -> None:

@@ -32,13 +32,14 @@ from polyglean.tta.augment import (
     Sharpness,
     compose,
 )
+from polyglean.tta.cache import ViewCache
 from polyglean.tta.combine import AugmentedSearch, TTAResult, ViewLogits, concat_images, search_views
 from polyglean.tta.policies import POLICIES, build_policy
 
 __all__ = [
     "GPS", "POLICIES", "TTA_AGGREGATORS", "AugTTA", "Augmentation", "AugmentedSearch", "AutoContrast", "Brightness",
     "ClassTTA", "Compose", "Contrast", "FitError", "HFlip", "Identity", "MaxTTA", "MeanTTA", "PadCrop", "Pixels",
-    "ResizedCrop", "Rotate", "Saturation", "Scale", "Sharpness", "TTAAggregator", "TTAResult", "ViewLogits",
+    "ResizedCrop", "Rotate", "Saturation", "Scale", "Sharpness", "TTAAggregator", "TTAResult", "ViewCache", "ViewLogits",
     "build_policy", "calibrated_nll", "compose", "concat_images", "fit_key", "load_fitted", "save_fitted",
     "search_views",
 ]

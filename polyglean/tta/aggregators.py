@@ -367,7 +367,7 @@ def fit_key(name: str, budget: int | None, phase_budget: int = 1) -> str:
 
 
 def save_fitted(path: str | Path, fits: Mapping[str, TTAAggregator], *, model: str, policy: str,
-                views: Sequence[str]) -> None:
+                views: Sequence[str], fingerprint: str | None = None) -> None:
     """Writes the state of fitted aggregators (keyed, e.g. by :func:`fit_key`) and what they were fitted for.
 
     Args:
@@ -376,39 +376,42 @@ def save_fitted(path: str | Path, fits: Mapping[str, TTAAggregator], *, model: s
         model: the model spec (``cifar10-resnet20``, ``timm:NAME``, ...).
         policy: the policy name.
         views: the names of the policy's views, in order.
+        fingerprint: SHA-256 of the model's weights (:func:`polyglean.aggregate.model_fingerprint`), checked by
+            :func:`load_fitted` when both have one.
     """
+    from polyglean.io import write_torch
+
     unfitted = [k for k, agg in fits.items() if not agg.fitted]
     if unfitted:
         raise FitError(f"cannot save unfitted aggregators: {', '.join(unfitted)}")
     payload = {"format": FORMAT, "version": VERSION, "model": model, "policy": policy, "views": list(views),
-               "fits": {k: agg.state_dict() for k, agg in fits.items()}}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+               "model_sha256": fingerprint, "fits": {k: agg.state_dict() for k, agg in fits.items()}}
+    write_torch(path, payload)
 
 
-def load_fitted(path: str | Path, *, model: str, policy: str, views: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The fitted states in ``path``, checked against the model, the policy and its views.
+def load_fitted(path: str | Path, *, model: str, policy: str, views: Sequence[str],
+                fingerprint: str | None = None) -> dict[str, dict[str, Any]]:
+    """The fitted states in ``path``, checked against the model (and its weights' fingerprint, when both the file
+    and the caller have one), the policy and its views.
 
     Raises:
-        FileNotFoundError: no such file.
-        FitError: not a polyglean TTA file, or made for another model, policy or set of views.
+        CheckpointError: no such file, or not a PyTorch file.
+        FitError: not a polyglean TTA file, or made for another model, weights, policy or set of views.
     """
+    from polyglean.io import load_torch
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"TTA weights file not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for files that are not checkpoints
-        raise FitError(f"{path} is not a polyglean TTA weights file: {type(err).__name__}: {err}") from err
+    payload = load_torch(path, "TTA weights file")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise FitError(f"{path} is not a polyglean TTA weights file (format {FORMAT!r})")
     for what, want in (("model", model), ("policy", policy)):
         if payload.get(what) != want:
             raise FitError(f"{path} was fitted for {what} {payload.get(what)!r}, not {want!r}; fit again for "
                            f"{want!r} (--tta-fit-data) or pass the matching file")
+    recorded = payload.get("model_sha256")
+    if fingerprint is not None and recorded is not None and recorded != fingerprint:
+        raise FitError(f"{path} was fitted for other weights of {model!r} (sha256 {str(recorded)[:12]}…, these are "
+                       f"{fingerprint[:12]}…); fit again for these weights")
     if list(payload.get("views", [])) != list(views):
         raise FitError(f"{path} was fitted on views {payload.get('views')}, but policy {policy!r} now has "
                        f"{list(views)}; fit again")

@@ -19,8 +19,10 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -150,18 +152,78 @@ class TTAResult:
 class AugmentedSearch:
     """Image-space TTA over phase search: ``B_total = B_image x B_phase``.
 
+    :meth:`run` searches the views a batch needs and aggregates them; for an evaluation of many aggregators,
+    :meth:`collect` searches every view of a data set once (reading and filling a :class:`~polyglean.tta.ViewCache`)
+    and :meth:`aggregate` combines the collected views with any aggregator.
+
     Args:
         search: the phase search run on every view.
         policy: the augmentations, in policy order.
         aggregator: combines the views; fitted ones must be fitted (:meth:`fit`) or have their state loaded.
+            Default: :class:`~polyglean.tta.MeanTTA` over every view.
     """
 
-    def __init__(self, search: PhaseSearch, policy: Sequence[Augmentation], aggregator: TTAAggregator) -> None:
+    def __init__(self, search: PhaseSearch, policy: Sequence[Augmentation],
+                 aggregator: TTAAggregator | None = None) -> None:
+        from polyglean.errors import ArgumentError
+        from polyglean.tta.aggregators import MeanTTA
+
         if not policy:
-            raise ValueError("the TTA policy is empty")
+            raise ArgumentError("the TTA policy is empty")
         self.search = search
         self.policy = list(policy)
-        self.aggregator = aggregator
+        self.aggregator = aggregator if aggregator is not None else MeanTTA()
+
+    @torch.no_grad()
+    def collect(self, batches: Iterable[tuple[Tensor, Tensor]], budgets: Sequence[int], *, total: int,
+                cache: Any = None, device: str | torch.device = "cpu",
+                progress: Callable[[str, int, int], None] | None = None) -> ViewLogits:
+        """Every view's searched logits at ``budgets`` over ``total`` labelled images, in policy order.
+
+        ``batches`` is read only when some view is not in ``cache`` (a :class:`~polyglean.tta.ViewCache`), and
+        then only the missing views are searched; they are stored in the cache afterwards.
+
+        Shape:
+            - batches: ``(x, y)`` with x ``(n, C, H, W)`` and y ``(n,)``, ``total`` images in all
+            - output logits: ``(A, P, N, K)``
+        """
+        from polyglean.errors import DataError
+
+        budgets = sorted(set(budgets))
+        found = {a.name: v for a in self.policy if cache is not None
+                 and (v := cache.get(a.name, budgets, total)) is not None}
+        missing = [a for a in self.policy if a.name not in found]
+        labels = next((v.labels for v in found.values()), None)
+        if missing:
+            parts, ys = [], []
+            for x, y in batches:
+                parts.append(search_views(self.search, missing, x.to(device), budgets))
+                ys.append(y)
+                if progress is not None:
+                    progress(f"{len(missing)} view(s)", sum(len(v) for v in ys), total)
+            if not parts:
+                raise DataError("no images to search: the data set is empty")
+            computed = concat_images(parts)
+            computed.labels = labels = torch.cat(ys)
+            if len(labels) != total:
+                raise DataError(f"expected {total} images, the batches held {len(labels)}")
+            if cache is not None:
+                cache.put(computed)
+            found.update({a.name: computed.select([a.name]) for a in missing})
+        views = ViewLogits.stack([found[a.name] for a in self.policy])
+        views.labels = labels
+        return views
+
+    def aggregate(self, views: ViewLogits, budgets: Sequence[int] | None = None,
+                  aggregator: TTAAggregator | None = None) -> TTAResult:
+        """Combines collected views (:meth:`collect`) at each phase budget with ``aggregator`` (default: this
+        search's); the cost counts the distinct views it uses."""
+        agg = aggregator if aggregator is not None else self.aggregator
+        budgets = sorted(set(budgets or views.budgets))
+        used = agg.views(len(self.policy))
+        logits = {b: agg(views.at(b)) for b in budgets}
+        cost = {b: views.cost(used, b) for b in budgets}
+        return TTAResult(logits, used, {b: c[0] for b, c in cost.items()}, {b: c[1] for b, c in cost.items()})
 
     @torch.no_grad()
     def fit(self, x: Tensor, labels: Tensor, budget: int = 1) -> TTAAggregator:

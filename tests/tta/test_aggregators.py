@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from polyglean.errors import CheckpointError
 from polyglean.tta import (
     GPS,
     TTA_AGGREGATORS,
@@ -156,7 +157,7 @@ def test_mismatch_refused(tmp_path: Path) -> None:
         load_fitted(path, model="cifar10-resnet20", policy="ten-crop", views=["identity", "hflip", "x"])
     with pytest.raises(FitError, match="fitted on views"):
         load_fitted(path, model="cifar10-resnet20", policy="flip", views=["identity", "hflip"])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="does not exist"):  # the error family, not a bare FileNotFoundError
         load_fitted(tmp_path / "nope.pt", model="m", policy="flip", views=[])
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, other)

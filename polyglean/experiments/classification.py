@@ -1,0 +1,248 @@
+"""The phase search evaluated on labelled images: one search to the largest budget per batch, every aggregation
+variant (aggregator x alignment) at every budget, per-image outcomes and each row's change against budget 1.
+
+Example:
+    >>> config = ClassificationConfig(budgets=(1, 4), aggregates=("mean", "entropy"), aligns=(True, False))
+    >>> result = evaluate_classification(PhaseNet(model, (3, 32, 32)), dataset, config)  # doctest: +SKIP
+    >>> result.rows[0]["top1"], result.outcomes[("mean", True, 4)].correct.shape  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from polyglean.aggregate import AGGREGATORS, Aggregator
+from polyglean.errors import ArgumentError, DataError
+from polyglean.experiments.common import Outcomes, Progress, _nothing, build_search, metrics_row, model_classes
+from polyglean.phase.net import PhaseNet
+from polyglean.search import CRITERIA, PhaseSearch
+
+__all__ = ["ClassificationConfig", "ClassificationResult", "evaluate_classification"]
+
+Variant = tuple[str, bool]
+"""``(aggregate name, aligned)``."""
+
+
+@dataclass(frozen=True)
+class ClassificationConfig:
+    """What :func:`evaluate_classification` runs.
+
+    Args:
+        budgets: the budgets to report (ascending, >= 1); the search always runs budget 1 too (it is free), the
+            reference of every row.
+        criterion: the search order (``entropy``, ``random``, ``delta``, ``learned``).
+        aggregates: aggregator names, each reported for every alignment of ``aligns``; no duplicates.
+        aligns: alignments to report, e.g. ``(True,)``, ``(False,)`` or ``(True, False)``; with
+            ``aggregate_on="logits"`` only ``(False,)``.
+        aggregate_on: ``"features"`` or ``"logits"``.
+        search_space: sites to search, by name or index; None: the default.
+        learned: trained aggregators by the alignment they were trained with (for ``learned`` in ``aggregates``
+            or ``criterion="learned"``). A ``learned`` row is reported for each alignment of ``aligns`` that has a
+            module; with one alignment asked for, a missing module is an error (never another alignment instead).
+        batch_size: images per search batch.
+        workers: data-loading worker processes.
+        seed: seed of the random criterion.
+        device: where the model runs and the tensors live.
+    """
+
+    budgets: tuple[int, ...] = (1, 4, 10, 15)
+    criterion: str = "entropy"
+    aggregates: tuple[str, ...] = ("entropy",)
+    aligns: tuple[bool, ...] = (True,)
+    aggregate_on: str = "features"
+    search_space: tuple[str | int, ...] | None = None
+    learned: Mapping[bool, Aggregator] = field(default_factory=dict)
+    batch_size: int = 32
+    workers: int = 0
+    seed: int = 0
+    device: str | torch.device = "cpu"
+
+    def __post_init__(self) -> None:
+        if not self.budgets:
+            raise ArgumentError("no budget given")
+        for b in self.budgets:
+            if not isinstance(b, int) or b < 1:
+                raise ArgumentError(f"budget {b} out of range: budgets are integers >= 1")
+        if list(self.budgets) != sorted(set(self.budgets)):
+            raise ArgumentError(f"budgets must be ascending without repeats, got {list(self.budgets)}")
+        if not self.aggregates:
+            raise ArgumentError("no aggregate named; choose from: " + ", ".join(AGGREGATORS.names()))
+        repeated = sorted({a for a in self.aggregates if self.aggregates.count(a) > 1})
+        if repeated:
+            raise ArgumentError(f"aggregate {repeated[0]!r} is named twice in {','.join(self.aggregates)}")
+        for name in self.aggregates:
+            AGGREGATORS.get(name)  # unknown names list the known ones
+        CRITERIA.get(self.criterion)
+        if self.aggregate_on not in ("features", "logits"):
+            raise ArgumentError(f"aggregate_on must be 'features' or 'logits', got {self.aggregate_on!r}")
+        if not self.aligns or len(set(self.aligns)) != len(self.aligns):
+            raise ArgumentError(f"aligns must be distinct, e.g. (True,) or (True, False), got {self.aligns}")
+        if self.aggregate_on == "logits" and any(self.aligns):
+            raise ArgumentError("logits cannot be aligned: with aggregate_on='logits' use aligns=(False,)")
+        if self.batch_size < 1:
+            raise ArgumentError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ArgumentError(f"workers must be >= 0, got {self.workers}")
+        wants_module = "learned" in self.aggregates or self.criterion == "learned"
+        if wants_module and not self.learned:
+            raise ArgumentError("'learned' needs a trained aggregator (polyglean.load_aggregator); none was given")
+        if not wants_module and self.learned:
+            raise ArgumentError("trained aggregators were given but neither the aggregates nor the criterion is "
+                                "'learned'; add learned to the aggregates or leave the aggregators out")
+        if "learned" in self.aggregates and len(self.aligns) == 1 and self.aligns[0] not in self.learned:
+            trained = "with" if True in self.learned else "without"
+            raise ArgumentError(f"the learned aggregator was trained {trained} alignment, but the rows ask for "
+                                f"{'aligned' if self.aligns[0] else 'unaligned'} features; give an aggregator "
+                                f"trained {'with' if self.aligns[0] else 'without'} alignment, or ask for the "
+                                "alignment it was trained with")
+
+    def variants(self) -> list[Variant]:
+        """The ``(aggregate, aligned)`` rows, in order."""
+        return [(a, al) for a in self.aggregates for al in self.aligns if a != "learned" or al in self.learned]
+
+
+@dataclass
+class ClassificationResult:
+    """What :func:`evaluate_classification` measured.
+
+    Attributes:
+        rows: one per variant and budget, then one ``learned@default`` control per trained module: top1, top5,
+            nll, ece, n_images, seconds, forward_equivalents and, against budget 1 of the same search (the plain
+            model), ``delta_top1`` (points) and ``delta_nll`` with 95% paired-bootstrap intervals, fixed, broken
+            and ``mcnemar_p``.
+        outcomes: per-image outcomes by ``(aggregate, aligned, budget)`` (and ``("learned@default", al, 1)``).
+        labels: ``(N,)`` the labels, in data set order.
+        search_space: names of the searched sites.
+        sites: names of all sites.
+        search_align: the alignment the search itself aggregated with (the criterion ``learned`` reads it).
+    """
+
+    rows: list[dict[str, Any]]
+    outcomes: dict[tuple[str, bool, int], Outcomes]
+    labels: Tensor
+    search_space: list[str]
+    sites: list[str]
+    search_align: bool
+
+
+@dataclass
+class _Collected:
+    logits: dict[tuple[str, bool, int], list[Tensor]]
+    alone: dict[bool, list[Tensor]]
+    labels: list[Tensor]
+    seconds: dict[int, float]
+    flops: dict[int, float]
+    forward: float = 0.0
+
+
+def _search(net: PhaseNet, config: ClassificationConfig, top: int
+            ) -> tuple[PhaseSearch, dict[Variant, Any], Variant | None]:
+    """The search to ``top``, the aggregator of every variant (a name, or the trained module), and the variant the
+    search itself aggregates (its logits need no second aggregation)."""
+    variants = config.variants()
+    by_variant: dict[Variant, Any] = {(a, al): config.learned[al] if a == "learned" else a for a, al in variants}
+    if config.criterion == "learned":  # the criterion reads the attention of a module, at its own alignment
+        module = config.learned.get(config.aligns[0]) or next(iter(config.learned.values()))
+        aggregate, align = module, bool(module.meta["align"])  # type: ignore[attr-defined]
+        own = ("learned", align) if ("learned", align) in by_variant else None
+    else:
+        aggregate, align = by_variant[variants[0]], variants[0][1]
+        own = variants[0]
+    search = build_search(net, budget=top, criterion=config.criterion, aggregate=aggregate, align=align,
+                          search_space=list(config.search_space) if config.search_space else None,
+                          aggregate_on=config.aggregate_on, seed=config.seed)
+    space = [s.name for s in search.search_space]
+    for al, module in config.learned.items():  # the displacement code fits only the space it was trained on
+        trained = list(getattr(module, "meta", {}).get("search_space", []))
+        if trained[:1] != space[:1]:
+            raise ArgumentError(f"the {'aligned' if al else 'unaligned'} learned aggregator was trained with the "
+                                f"search space {trained}; its displacement code does not fit the search space "
+                                f"{space} (search {' '.join(trained)})")
+    return search, by_variant, own
+
+
+def _collect(search: PhaseSearch, batches: Iterable[tuple[Tensor, Tensor]], budgets: list[int],
+             by_variant: dict[Variant, Any], own: Variant | None, config: ClassificationConfig, num_classes: int,
+             total: int, progress: Progress) -> _Collected:
+    """Searches every batch once and keeps every variant's logits at every budget."""
+    net = search.net
+    out = _Collected({(a, al, b): [] for a, al in by_variant for b in budgets}, {}, [],
+                     dict.fromkeys(budgets, 0.0), dict.fromkeys(budgets, 0.0))
+    done = 0
+    for x, y in batches:
+        if len(y) and int(y.max()) >= num_classes:
+            raise DataError(f"label {int(y.max())} out of range for a model with {num_classes} classes")
+        result = search.run(x.to(config.device), budgets=budgets)
+        for b in budgets:
+            for variant, aggregator in by_variant.items():
+                logits = result.logits[b] if variant == own else search.combine(result, b, aggregator, variant[1])
+                out.logits[(*variant, b)].append(logits.float())
+            out.seconds[b] += result.seconds_by_budget[b]
+            out.flops[b] += result.flops_by_budget[b]
+        for al, module in config.learned.items():  # control: the trained module on the default state alone
+            if result.features is not None:
+                with torch.no_grad():
+                    alone = net.head(module(result.features[:, :1], result.shift[:, :1]))  # type: ignore[operator]
+                out.alone.setdefault(al, []).append(alone.float())
+        out.forward += result.forward_flops
+        out.labels.append(y)
+        done += len(y)
+        progress("search", done, total)
+    return out
+
+
+def _rows(collected: _Collected, budgets: list[int], wanted: tuple[int, ...], variants: list[Variant]
+          ) -> tuple[list[dict[str, Any]], dict[tuple[str, bool, int], Outcomes], Tensor]:
+    """Metrics per variant and budget against budget 1 (the plain model), and the learned@default controls."""
+    target = torch.cat(collected.labels)
+    if len(target) == 0:
+        raise DataError("no images were evaluated")
+    _, plain = metrics_row(torch.cat(collected.logits[(*variants[0], 1)]), target, None)
+    rows, outcomes = [], {}
+    for a, al in variants:
+        for b in wanted:
+            row, outcomes[(a, al, b)] = metrics_row(torch.cat(collected.logits[(a, al, b)]), target, plain)
+            rows.append({"aggregate": a, "align": al, "budget": b, **row, "seconds": collected.seconds[b],
+                         "forward_equivalents": collected.flops[b] / collected.forward})
+    for al, parts in collected.alone.items():
+        # Not a search result: the learned module applied to the plain model's features, with no other candidate.
+        # What it gains here is adaptation of the features to the training data, not gleaned phases.
+        row, outcomes[("learned@default", al, 1)] = metrics_row(torch.cat(parts), target, plain)
+        rows.append({"aggregate": "learned@default", "align": al, "budget": 1, **row,
+                     "seconds": collected.seconds[1], "forward_equivalents": 1.0})
+    return rows, outcomes, target
+
+
+@torch.no_grad()
+def evaluate_classification(net: PhaseNet, dataset: Dataset[Any], config: ClassificationConfig,
+                            progress: Progress | None = None) -> ClassificationResult:
+    """Runs the phase search on every image of ``dataset`` and measures every variant at every budget.
+
+    Args:
+        net: the :class:`PhaseNet` of a classifier in eval mode, on ``config.device``.
+        dataset: ``(image tensor, label)`` pairs (e.g. a selection of a :class:`polyglean.data.ImageDataset`).
+        config: budgets, criterion, aggregation variants and run settings.
+        progress: called after every batch.
+
+    Raises:
+        ArgumentError: a budget beyond the search space's states, a trained aggregator for another search space.
+        DataError: an empty data set, a label beyond the model's classes.
+    """
+    progress = progress or _nothing
+    total = len(dataset)  # type: ignore[arg-type]
+    if total == 0:
+        raise DataError("the data set is empty: no images to evaluate")
+    budgets = sorted({1, *config.budgets})
+    search, by_variant, own = _search(net, config, budgets[-1])
+    num_classes = model_classes(net.model, net.input_size, config.device)
+    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers)
+    collected = _collect(search, loader, budgets, by_variant, own, config, num_classes, total, progress)
+    rows, outcomes, target = _rows(collected, budgets, config.budgets, config.variants())
+    return ClassificationResult(rows, outcomes, target, [s.name for s in search.search_space],
+                                [s.name for s in net.sites], search.align)
