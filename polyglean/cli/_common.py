@@ -14,7 +14,7 @@ from polyglean.io import check_writable, write_json
 from polyglean.provenance import machine
 
 __all__ = [
-    "Bars", "add_model_arguments", "check_outputs", "delta_cells", "int_list", "load_model", "machine", "names",
+    "Bars", "add_model_arguments", "add_runtime_arguments", "runtime", "check_outputs", "delta_cells", "int_list", "load_model", "machine", "names",
     "phase_net", "refuse_repeats",
     "table", "write_results",
 ]
@@ -25,6 +25,21 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a preset, torchvision:NAME or timm:NAME")
     p.add_argument("--weights", help="checkpoint for the model (loaded strictly, weights_only)")
     p.add_argument("--pretrained", action="store_true", help="download the library's weights (torchvision/timm)")
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--precision`` (see :class:`polyglean.runtime.Runtime`)."""
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu); under "
+                                    "torchrun each process takes the GPU of its local rank")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="fp32 (default), or bf16/fp16 under autocast (fp16 needs a GPU)")
+
+
+def runtime(args: argparse.Namespace) -> Any:
+    """The checked :class:`polyglean.runtime.Runtime` of ``--device`` and ``--precision``."""
+    from polyglean.runtime import Runtime
+
+    return Runtime.resolve(args.device, args.precision)
 
 
 def load_model(spec: str, weights: str | None = None, *, downsample: str | None = None,

@@ -6,7 +6,12 @@ the plain model with a paired bootstrap interval and McNemar's exact test.
 This is an application layer: it uses the search, the aggregators, TTA, data and metrics; nothing below imports it.
 """
 
-from polyglean.experiments.classification import ClassificationConfig, ClassificationResult, evaluate_classification
+from polyglean.experiments.classification import (
+    ClassificationConfig,
+    ClassificationResult,
+    evaluate_classification,
+    store_settings,
+)
 from polyglean.experiments.common import (
     ImageSelection,
     Outcomes,
@@ -26,5 +31,5 @@ __all__ = [
     "ClassificationConfig", "ClassificationResult", "ImageSelection", "Outcomes", "Progress", "ShiftConsistency",
     "TTAConfig", "TTAEvalResult", "base_samples", "build_search", "check_input_size", "compare", "data_fingerprint",
     "evaluate_classification", "evaluate_tta", "load_eval_model", "model_classes", "select_images",
-    "shift_consistency",
+    "shift_consistency", "store_settings",
 ]
