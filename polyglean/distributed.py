@@ -8,7 +8,7 @@ run. Each image is evaluated once (no padding); ranks left without a batch (more
 take part in the collectives.
 
 After every batch the ranks agree, with one all-reduce, on whether any of them failed and on how many images
-are done (progress, shown on rank 0). A rank that failed raises its own error; every other rank raises
+are done (progress, shown on rank 0). The lowest rank that failed raises its own error; every other rank raises
 :class:`PeerFailed`, which the command line exits on without printing, so the error is shown once and no rank
 waits for a peer that has stopped. Collectives have a timeout (the process group's) for peers that die without
 a word; ``torchrun`` also stops the other workers when one exits with an error.
@@ -161,9 +161,12 @@ def _agree(ctx: DistContext, error: BaseException | None, images: int = 0) -> in
     dist.all_reduce(flags)
     failed, total = (int(v) for v in flags.tolist())
     if failed:
-        if error is not None:
+        first = torch.tensor([ctx.rank if error is not None else ctx.world_size], device=flags.device)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)  # the lowest failing rank shows its error, once
+        if error is not None and int(first.item()) == ctx.rank:
             raise error
-        raise PeerFailed(f"rank {ctx.rank}: stopped because {failed} other rank(s) failed")
+        raise PeerFailed(f"rank {ctx.rank}: stopped because {failed} rank(s) failed (rank {int(first.item())} "
+                         "shows the error)")
     return total
 
 
@@ -270,8 +273,10 @@ class BatchStore:
         return record["payload"]
 
     def clear(self) -> None:
-        """Removes this run's folder (after its results are written)."""
+        """Removes this run's folder (after its results are written), and the root folder if that leaves it empty."""
         shutil.rmtree(self.folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.root.rmdir()
 
 
 def run_sharded(
@@ -311,6 +316,8 @@ def run_sharded(
     _agree(ctx, error)
     done = _broadcast(ctx, sorted(done))
     done_set = set(done)
+    if done_set and ctx.is_main:
+        log.info("resuming: %d of %d batches were saved by an earlier run", len(done_set), len(batches))
     pending = [k for k in range(len(batches)) if k not in done_set]
     mine = pending[ctx.rank::ctx.world_size]
     results: dict[int, Any] = {}
