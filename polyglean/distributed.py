@@ -48,6 +48,7 @@ __all__ = [
     "BatchStore",
     "DistContext",
     "PeerFailed",
+    "broadcast_object",
     "together",
     "global_batches",
     "init_distributed",
@@ -181,6 +182,11 @@ def together(ctx: DistContext) -> Iterator[None]:
     except Exception as exc:  # re-raised below, after the other ranks have heard of it
         error = exc
     _agree(ctx, error)
+
+
+def broadcast_object(ctx: DistContext, value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (picklable; CPU tensors)."""
+    return _broadcast(ctx, value)
 
 
 def _broadcast(ctx: DistContext, value: Any) -> Any:

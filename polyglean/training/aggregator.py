@@ -151,7 +151,8 @@ def train_epoch(module: AttentionAggregator, head: Callable[[Tensor], Tensor], d
 
 @torch.no_grad()
 def accuracy_by_budget(module: AttentionAggregator | None, head: Callable[[Tensor], Tensor], data: CandidateSet,
-                       budgets: Iterable[int], batch_size: int = 256) -> dict[int, dict[str, float]]:
+                       budgets: Iterable[int], batch_size: int = 256, device: torch.device | str = "cpu"
+                       ) -> dict[int, dict[str, float]]:
     """Top-1 (%) and NLL of the module on the first ``b`` candidates of each image, per budget; with
     ``module=None`` the plain average (the untrained module's output)."""
     out = {}
@@ -160,9 +161,9 @@ def accuracy_by_budget(module: AttentionAggregator | None, head: Callable[[Tenso
             raise ValueError(f"budget {b} out of range for {data.budget} cached candidates")
         correct, nll = 0, 0.0
         for i in range(0, len(data), batch_size):
-            f = data.features[i:i + batch_size, :b].float()
-            y = data.labels[i:i + batch_size]
-            agg = f.mean(1) if module is None else module(f, data.shift[i:i + batch_size, :b])
+            f = data.features[i:i + batch_size, :b].float().to(device)
+            y = data.labels[i:i + batch_size].to(device)
+            agg = f.mean(1) if module is None else module(f, data.shift[i:i + batch_size, :b].to(device))
             logits = head(agg)
             correct += int((logits.argmax(-1) == y).sum())
             nll += float(F.cross_entropy(logits.float(), y, reduction="sum"))
