@@ -80,6 +80,12 @@ class TestNoTensorOffTheInputDevice:
         for name, value in got.items():
             assert torch.equal(value, expected[name]), name
 
+    def test_top1_breaks_ties_as_argmax(self) -> None:
+        logits = torch.tensor([[1.0, 3.0, 1.0, 3.0]])  # a tie, as bf16 logits often hold
+        labels = torch.tensor([3])
+        assert classification_metrics(logits, labels)["top1"] == 0.0
+        assert classification_metrics(logits, torch.tensor([1]))["top1"] == 100.0
+
     def test_metrics(self) -> None:
         logits = torch.randn(20, 10, generator=torch.Generator().manual_seed(2))
         labels = torch.arange(20) % 10
