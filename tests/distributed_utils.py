@@ -35,6 +35,7 @@ def _child(rank: int, world: int, port: int, out: str, fn: Callable[..., Any], a
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    os._exit(0)  # the interpreter's own teardown has been seen to take minutes on a loaded machine
 
 
 def spawn(fn: Callable[..., Any], world: int, tmp: Path, *args: Any, timeout: float = 300.0) -> list[dict[str, Any]]:
