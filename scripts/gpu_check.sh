@@ -48,10 +48,10 @@ if torch.cuda.is_available():
     print(torch.cuda.get_device_name(0), 'bf16', torch.cuda.is_bf16_supported())
 "
 
-# The CUDA tests (they skip without a GPU) and the device guards; -p no:cacheprovider: write nothing in the tree.
+# The CUDA tests (they skip without a GPU); -p no:cacheprovider: write nothing in the tree.
 step pytest_cuda 150 "$PY" -m pytest -q -p no:cacheprovider -rs \
     tests/test_devices.py tests/cli/test_eval_devices.py \
-    tests/layers/test_blurpool.py tests/layers/test_softpool.py tests/layers/test_aps.py -k "cuda or Cuda or device"
+    tests/layers/test_blurpool.py tests/layers/test_softpool.py tests/layers/test_aps.py -k "cuda or Cuda"
 
 EVAL_ARGS=(--model cifar10-resnet20 --data "$POLYGLEAN_DATA/cifar10/test" --limit "$LIMIT" --budgets 1,4,10
            --batch-size 100 --workers 4 --no-progress --device "$DEVICE")
