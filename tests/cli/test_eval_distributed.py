@@ -52,6 +52,27 @@ def _torchrun(argv: list[str], shared_data: Path, nproc: int = 2, **kw) -> subpr
                             cwd=REPO, **kw)
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it (torchrun's workers may sit in their own process groups)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _metrics(path: Path) -> list[dict]:
     return [{k: r.get(k) for k in METRICS} for r in json.loads(path.read_text())["results"]]
 
@@ -94,12 +115,12 @@ def test_a_killed_run_resumes_with_another_number_of_processes(images: Path, sha
     out, parts, ref = tmp_path / "r.json", tmp_path / "parts", tmp_path / "ref.json"
     small = ("--batch-size", "1")  # 30 batches: the run is killed long before its end
     assert main(_argv(images, ref, *small)) == 0
-    proc = _torchrun(_argv(images, out, "--parts", str(parts), *small), shared_data, start_new_session=True)
+    proc = _torchrun(_argv(images, out, "--parts", str(parts), *small), shared_data)
     saved: list[Path] = []
     while proc.poll() is None and len(saved) < 2:
         saved = list(parts.glob("*/batch-*.pt"))
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_tree(proc.pid)
     proc.communicate()
     kept = len(list(parts.glob("*/batch-*.pt")))
     if kept == 0 or out.exists():
