@@ -31,6 +31,8 @@ def topk_accuracy(logits: Tensor, labels: Tensor, k: int = 1) -> float:
         - labels: ``(N,)``
     """
     k = min(k, logits.shape[-1])
+    if k == 1:  # argmax, as the per-image outcomes: low precision (bf16) gives ties, which topk breaks otherwise
+        return (logits.argmax(-1) == labels).float().mean().item()
     return (logits.topk(k, -1).indices == labels[:, None]).any(-1).float().mean().item()
 
 
@@ -39,8 +41,8 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, bins: int = 15) -
     probs = logits.float().softmax(-1)
     conf, pred = probs.max(-1)
     correct = (pred == labels).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    ece = torch.zeros(())
+    edges = torch.linspace(0, 1, bins + 1, device=conf.device)
+    ece = torch.zeros((), device=conf.device)
     for lo, hi in zip(edges[:-1], edges[1:]):
         inside = (conf > lo) & (conf <= hi)
         if inside.any():

@@ -14,7 +14,8 @@ from polyglean.io import check_writable, write_json
 from polyglean.provenance import machine
 
 __all__ = [
-    "Bars", "add_model_arguments", "check_outputs", "model_source", "delta_cells", "int_list", "load_model", "machine", "names",
+    "Bars", "add_model_arguments", "add_runtime_arguments", "check_outputs", "delta_cells", "int_list", "load_model",
+    "machine", "model_source", "names", "runtime",
     "phase_net", "refuse_repeats",
     "table", "write_results",
 ]
@@ -33,6 +34,21 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def model_source(args: argparse.Namespace) -> dict[str, Any]:
     """The weights options of :func:`add_model_arguments` as keyword arguments of ``load_model``."""
     return {"weights": args.weights, "pretrained": args.pretrained, "random_weights": args.random_weights}
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--precision`` (see :class:`polyglean.runtime.Runtime`)."""
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu); under "
+                                    "torchrun each process takes the GPU of its local rank")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="fp32 (default), or bf16/fp16 under autocast (fp16 needs a GPU)")
+
+
+def runtime(args: argparse.Namespace) -> Any:
+    """The checked :class:`polyglean.runtime.Runtime` of ``--device`` and ``--precision``."""
+    from polyglean.runtime import Runtime
+
+    return Runtime.resolve(args.device, args.precision)
 
 
 def load_model(spec: str, weights: str | None = None, *, downsample: str | None = None,

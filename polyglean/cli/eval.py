@@ -15,6 +15,7 @@ from typing import Any
 from polyglean.cli._common import (
     Bars,
     add_model_arguments,
+    add_runtime_arguments,
     check_outputs,
     delta_cells,
     int_list,
@@ -22,6 +23,7 @@ from polyglean.cli._common import (
     phase_net,
     names,
     refuse_repeats,
+    runtime,
     table,
     write_results,
 )
@@ -89,6 +91,19 @@ def add_parser(sub: Any, name: str) -> None:
     p.add_argument("--json", dest="json_out", help="write the results here (atomically)")
     p.add_argument("--plot", help="write a figure of accuracy against budget and against cost (PNG)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_arguments(p)
+    g = p.add_argument_group(
+        "several processes and resuming",
+        "Under torchrun (torchrun --nproc-per-node N -m polyglean eval ...) the batches are dealt to the processes "
+        "and the results gathered into one JSON, identical to a one-process run with the same --batch-size.")
+    g.add_argument("--parts", metavar="DIR",
+                   help="save every finished batch here (default with --json: JSON.parts beside it), so that a "
+                        "killed run can be resumed; removed when the results are written")
+    g.add_argument("--resume", action="store_true",
+                   help="continue a killed run: take the batches it saved (same settings, any number of processes)")
+    g.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: how long a process waits for the others at a step before giving up "
+                        "(longer than one batch takes; default 1800)")
     _add_tta_arguments(p)
     _add_shift_arguments(p)
     _add_dense_arguments(p)
@@ -224,6 +239,21 @@ def _check(args: argparse.Namespace) -> None:
         raise ArgumentError(f"--data folder not found: {args.data}")
     check_outputs(json=args.json_out, plot=args.plot, tta_save=args.tta_save)
     _check_adaptive(args)
+    rt = runtime(args)
+    if rt.precision != "fp32" and (wants_tta(args) or args.shift_consistency):
+        raise ArgumentError(f"--precision {rt.precision} is not supported with --tta or --shift-consistency yet; "
+                            "run them at fp32")
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (wants_tta(args) or args.shift_consistency):
+        raise ArgumentError("--tta and --shift-consistency run in one process only; start them without torchrun")
+    if args.resume and not (args.parts or args.json_out):
+        raise ArgumentError("--resume needs the folder the killed run saved its batches in: give --parts DIR or "
+                            "the same --json as that run")
+    if (args.parts or args.resume) and wants_tta(args):
+        raise ArgumentError("--parts/--resume are not supported with --tta (use --tta-cache)")
+    if args.dist_timeout <= 0:
+        raise ArgumentError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     if wants_tta(args):
         _check_tta(args, aggregates)
     else:
@@ -309,13 +339,14 @@ def _dataset(root: str, preprocess: Any, num_classes: int, part: str | None, sub
     return select_images(dataset, ImageSelection(part=part or "all", subset=subset, limit=limit))
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, int]:
+def _load(args: argparse.Namespace, device: Any = "cpu") -> tuple[Any, Any, Any, int]:
     from polyglean.experiments import model_classes
 
     model, preprocess = load_model(args.model, args.weights, downsample=args.downsample, pretrained=args.pretrained,
                                    random_weights=args.random_weights)
+    model = model.to(device)
     net = phase_net(model, preprocess.input_size)
-    return model, preprocess, net, model_classes(model, preprocess.input_size)
+    return model, preprocess, net, model_classes(model, preprocess.input_size, device)
 
 
 def _with_outcomes(rows: list[dict[str, Any]], outcomes: dict[Any, Any], key: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -337,40 +368,63 @@ def _header(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ the phase search
+def _adaptive(args: argparse.Namespace, net: Any, preprocess: Any, num_classes: int, config: Any
+              ) -> tuple[Any, dict[str, Any] | None]:
+    """``config`` with the stop rule of ``--adaptive`` (calibrated on ``--fit-data`` for ``--target-cost``), and
+    what the calibration measured."""
+    import dataclasses
+
+    from polyglean.experiments import calibrate_adaptive
+
+    if not args.adaptive:
+        return config, None
+    if args.target_cost is None:
+        return dataclasses.replace(config, stop=args.adaptive), {"rule": args.adaptive}
+    fit = _dataset(args.fit_data, preprocess, num_classes, None, args.fit_subset, None)
+    rule, info = calibrate_adaptive(net, fit, config, args.adaptive, args.target_cost)
+    info = {**info, "fit_data": str(args.fit_data), "fit_subset": None if args.fit_subset is None else list(args.fit_subset)}
+    return dataclasses.replace(config, stop=rule), info
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the phase-search evaluation ``args`` describe and returns the JSON payload."""
     from polyglean.experiments import ClassificationConfig, evaluate_classification, shift_consistency
 
+    from polyglean.distributed import BatchStore, init_distributed, together
+    from polyglean.experiments import store_settings
+
     aggregates = names(args.aggregate)
     aligns = (True, False) if args.align_both else (not args.no_align and args.aggregate_on == "features",)
-    model, preprocess, net, num_classes = _load(args)
-    modules = _learned(args, model)
-    config = ClassificationConfig(
-        budgets=tuple(args.budgets), criterion=args.criterion, aggregates=tuple(aggregates), aligns=aligns,
-        aggregate_on=args.aggregate_on, search_space=tuple(args.search_space) if args.search_space else None,
-        phase_stride=args.phase_stride, learned=modules, batch_size=args.batch_size, workers=args.workers,
-        seed=args.seed)
-    dataset = _dataset(args.data, preprocess, num_classes, None, args.subset, args.limit)
-    adaptive: dict[str, Any] | None = None
-    with Bars(args.model, not args.no_progress) as bars:
-        if args.adaptive and args.target_cost is not None:
-            import dataclasses
-
-            from polyglean.experiments import calibrate_adaptive
-
-            fit = _dataset(args.fit_data, preprocess, num_classes, None, args.fit_subset, None)
-            rule, adaptive = calibrate_adaptive(net, fit, config, args.adaptive, args.target_cost, progress=bars)
-            adaptive = {**adaptive, "fit_data": str(args.fit_data),
-                        "fit_subset": None if args.fit_subset is None else list(args.fit_subset)}
-            config = dataclasses.replace(config, stop=rule)
-        elif args.adaptive:
-            import dataclasses
-
-            config = dataclasses.replace(config, stop=args.adaptive)
-            adaptive = {"rule": args.adaptive}
-        result = evaluate_classification(net, dataset, config, progress=bars)
+    rt = runtime(args)
+    ctx = init_distributed(rt.device, timeout_s=args.dist_timeout)
+    args.dist = ctx
+    device = ctx.device_for(rt.device)
+    with together(ctx):  # a rank that cannot load the model or the data stops them all
+        model, preprocess, net, num_classes = _load(args, device)
+        modules = {al: m.to(device) for al, m in _learned(args, model).items()}
+        config = ClassificationConfig(
+            budgets=tuple(args.budgets), criterion=args.criterion, aggregates=tuple(aggregates), aligns=aligns,
+            aggregate_on=args.aggregate_on, search_space=tuple(args.search_space) if args.search_space else None,
+            phase_stride=args.phase_stride, learned=modules, batch_size=args.batch_size, workers=args.workers,
+            seed=args.seed, device=device, precision=rt.precision)
+        dataset = _dataset(args.data, preprocess, num_classes, None, args.subset, args.limit)
+        config, adaptive = _adaptive(args, net, preprocess, num_classes, config)
+        parts = args.parts or (f"{args.json_out}.parts" if args.json_out else None)
+        store = None
+        if parts:
+            settings = {"model": args.model, "downsample": args.downsample,
+                        **store_settings(net, dataset, config)}
+            store = BatchStore(parts, settings, resume=args.resume)
+    args.store = store
+    started = time.perf_counter()
+    with Bars(args.model, not args.no_progress and ctx.is_main) as bars:
+        result = evaluate_classification(net, dataset, config, progress=bars, dist=ctx, store=store)
+        if result is None:  # another rank reports
+            return None  # type: ignore[return-value]
         shift = shift_consistency(model, preprocess, dataset, seed=args.seed, batch_size=args.batch_size,
-                                  workers=args.workers, progress=bars) if args.shift_consistency else None
+                                  workers=args.workers, device=device,
+                                  progress=bars) if args.shift_consistency else None
+    wall = time.perf_counter() - started
     return {
         **_header(args),
         "config": {
@@ -382,8 +436,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                                                                  "training": m.meta.get("training")}
                             for al, m in modules.items()},
             "reference": "budget 1 of the same search (the plain model); intervals: paired bootstrap, 95%",
-            "adaptive": adaptive,
+            "adaptive": adaptive, **rt.as_dict(), "device": str(device), "processes": ctx.world_size,
         },
+        "wall_seconds": wall,
+        "images_per_second": len(result.labels) / wall if wall > 0 else None,
         "results": _with_outcomes(result.rows, result.outcomes, ("aggregate", "align", "budget")),
         "labels": result.labels.tolist(),
         "downsample": args.downsample,
@@ -445,7 +501,8 @@ def evaluate_tta(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, An
 
     aggregate = names(args.aggregate)[0]
     align = not args.no_align and args.aggregate_on == "features"
-    model, preprocess, net, num_classes = _load(args)
+    device = runtime(args).device
+    model, preprocess, net, num_classes = _load(args, device)
     fingerprint = model_fingerprint(model)
     modules = _learned(args, model)
     if modules and align not in modules:
@@ -458,8 +515,7 @@ def evaluate_tta(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, An
         criterion=args.criterion, aggregate=aggregate, align=align, aggregate_on=args.aggregate_on,
         search_space=tuple(args.search_space) if args.search_space else None, learned=modules.get(align),
         phase_stride=args.phase_stride, seed=args.seed, tta_seed=args.tta_seed or 0, batch_size=args.batch_size,
-        workers=args.workers,
-        model_id=args.model, cache=args.tta_cache)
+        workers=args.workers, model_id=args.model, cache=args.tta_cache, device=device)
     states = None
     if args.tta_weights:
         views = [a.name for a in build_policy(config.policy, preprocess.input_size, seed=config.tta_seed)]
@@ -550,11 +606,21 @@ def run(args: argparse.Namespace) -> int:
             save_fitted(args.tta_save, fits, model=args.model, policy=payload["config"]["policy"],
                         views=payload["config"]["views"], fingerprint=payload["config"]["model_sha256"])
         return 0
-    payload = evaluate(args)
-    print(format_results(payload))
-    write_results(args.json_out, payload)
-    if args.plot:
-        plot_results(payload["results"], f"{payload['model']} — {Path(payload['data']).name}", args.plot)
+    from polyglean.distributed import shutdown_distributed
+
+    try:
+        payload = evaluate(args)
+        if payload is None:  # a rank other than 0: rank 0 prints and writes
+            return 0
+        print(format_results(payload))
+        write_results(args.json_out, payload)
+        if args.plot:
+            plot_results(payload["results"], f"{payload['model']} — {Path(payload['data']).name}", args.plot)
+        if getattr(args, "store", None) is not None:
+            args.store.clear()  # the results are written: the saved batches are no longer needed
+    finally:
+        if getattr(args, "dist", None) is not None:
+            shutdown_distributed(args.dist)
     return 0
 
 
@@ -594,7 +660,10 @@ def _check_dense(args: argparse.Namespace) -> tuple[list[str], tuple[str, ...]]:
         ("--shift-consistency", args.shift_consistency), ("--tta", wants_tta(args)),
         ("--aggregate-on logits", args.aggregate_on == "logits"), ("--phase-stride", args.phase_stride != 1),
         *((f"--{f.replace('_', '-')}", getattr(args, f) is not None)
-          for f in (*TTA_FLAGS, "adaptive", "target_cost", "fit_data", "fit_subset"))) if given]
+          for f in (*TTA_FLAGS, "adaptive", "target_cost", "fit_data", "fit_subset", "parts")),
+        ("--resume", args.resume), ("--device", args.device not in (None, "cpu")),
+        ("--precision", args.precision != "fp32"),
+        ("torchrun", int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1)) if given]
     if refused:
         raise ArgumentError(f"{', '.join(refused)}: not supported for segmentation models (image-space TTA: "
                             "--seg-tta)")

@@ -35,6 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet(err: PolygleanError) -> bool:
+    """Under torchrun an error is shown once: a rank that stopped because another failed says nothing, and an
+    option error (the same on every rank) is shown by rank 0 only."""
+    import os
+
+    from polyglean.errors import ArgumentError
+
+    if getattr(err, "quiet", False):
+        return True
+    return isinstance(err, ArgumentError) and os.environ.get("RANK", "0") != "0"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -42,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(COMMANDS[args.command].run(args) or 0)
     except PolygleanError as err:  # the user's to fix: one line; anything else is a bug and keeps its traceback
-        print(f"polyglean {args.command}: error: {err}", file=sys.stderr)
+        if not _quiet(err):
+            print(f"polyglean {args.command}: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()

@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -87,7 +87,8 @@ class CheckedLoader:
 
 def make_loader(dataset: Dataset[Any] | Sequence[Any], *, batch_size: int, workers: int = 0, shuffle: bool = False,
                 generator: torch.Generator | None = None,
-                collate_fn: Callable[[list[Any]], Any] | None = None) -> CheckedLoader:
+                collate_fn: Callable[[list[Any]], Any] | None = None,
+                batch_sampler: Iterable[list[int]] | None = None) -> CheckedLoader:
     """A ``DataLoader`` over ``dataset`` that raises a sample's :class:`PolygleanError` the same way with any
     number of workers.
 
@@ -98,6 +99,8 @@ def make_loader(dataset: Dataset[Any] | Sequence[Any], *, batch_size: int, worke
         shuffle: draw a random order each pass (from ``generator``).
         generator: the random order's generator.
         collate_fn: how samples become a batch (default: PyTorch's ``default_collate``).
+        batch_sampler: the batches as lists of indices, instead of ``batch_size`` and ``shuffle`` (e.g. the
+            batches one process of a distributed run computes).
 
     Raises:
         DataError: ``dataset`` is empty.
@@ -109,6 +112,10 @@ def make_loader(dataset: Dataset[Any] | Sequence[Any], *, batch_size: int, worke
         raise ArgumentError(f"workers must be >= 0, got {workers}")
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise DataError(f"the data set {dataset!r} holds no images")
-    loader = DataLoader(_Guarded(dataset), batch_size=batch_size, shuffle=shuffle, generator=generator,
-                        num_workers=workers, collate_fn=_Collate(collate_fn or default_collate))
+    collate = _Collate(collate_fn or default_collate)
+    if batch_sampler is not None:
+        loader = DataLoader(_Guarded(dataset), batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate)
+    else:
+        loader = DataLoader(_Guarded(dataset), batch_size=batch_size, shuffle=shuffle, generator=generator,
+                            num_workers=workers, collate_fn=collate)
     return CheckedLoader(loader, dataset)

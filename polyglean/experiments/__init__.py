@@ -11,6 +11,7 @@ from polyglean.experiments.classification import (
     ClassificationResult,
     calibrate_adaptive,
     evaluate_classification,
+    store_settings,
 )
 from polyglean.experiments.dense import DenseEvalConfig, evaluate_segmentation
 from polyglean.experiments.common import (
@@ -33,5 +34,5 @@ __all__ = [
     "ShiftConsistency", "TTAConfig", "TTAEvalResult", "base_samples", "build_search", "calibrate_adaptive",
     "check_input_size", "compare", "data_fingerprint", "evaluate_segmentation",
     "evaluate_classification", "evaluate_tta", "load_eval_model", "model_classes", "select_images",
-    "shift_consistency",
+    "shift_consistency", "store_settings",
 ]

@@ -24,7 +24,8 @@ from polyglean.phase.net import PhaseNet
 from polyglean.search import CRITERIA, PhaseSearch
 from polyglean.data.loader import make_loader
 
-__all__ = ["ClassificationConfig", "ClassificationResult", "calibrate_adaptive", "evaluate_classification"]
+__all__ = ["ClassificationConfig", "ClassificationResult", "calibrate_adaptive", "evaluate_classification",
+           "store_settings"]
 
 Variant = tuple[str, bool]
 """``(aggregate name, aligned)``."""
@@ -53,6 +54,7 @@ class ClassificationConfig:
         device: where the model runs and the tensors live.
         stop: an adaptive budget (:mod:`polyglean.search.stop`): a rule or its text; images it stops leave the
             search early, and every row's cost is what was really run.
+        precision: ``fp32``, or ``bf16`` / ``fp16`` under autocast (:class:`polyglean.runtime.Runtime`).
     """
 
     budgets: tuple[int, ...] = (1, 4, 10, 15)
@@ -68,8 +70,12 @@ class ClassificationConfig:
     seed: int = 0
     device: str | torch.device = "cpu"
     stop: Any = None
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        from polyglean.runtime import resolve_precision
+
+        resolve_precision(self.precision, torch.device(self.device))
         if not self.budgets:
             raise ArgumentError("no budget given")
         for b in self.budgets:
@@ -177,34 +183,68 @@ def _search(net: PhaseNet, config: ClassificationConfig, top: int
     return search, by_variant, own
 
 
-def _collect(search: PhaseSearch, batches: Iterable[tuple[Tensor, Tensor]], budgets: list[int],
-             by_variant: dict[Variant, Any], own: Variant | None, config: ClassificationConfig, num_classes: int,
-             total: int, progress: Progress) -> _Collected:
-    """Searches every batch once and keeps every variant's logits at every budget."""
+def _key(variant: tuple[str, bool], budget: int) -> str:
+    return f"{variant[0]}|{int(variant[1])}|{budget}"
+
+
+def _batch(search: PhaseSearch, x: Tensor, y: Tensor, budgets: list[int], by_variant: dict[Variant, Any],
+           own: Variant | None, config: ClassificationConfig, num_classes: int) -> dict[str, Any]:
+    """Searches one batch and returns what the metrics need, on the CPU: every variant's logits at every budget
+    (float32), the labels, the search's cost. A batch is computed the same way in one process or many."""
+    from polyglean.runtime import Runtime
+
     net = search.net
-    out = _Collected({(a, al, b): [] for a, al in by_variant for b in budgets}, {}, [],
-                     dict.fromkeys(budgets, 0.0), dict.fromkeys(budgets, 0.0))
-    done = 0
-    for x, y in batches:
-        if len(y) and int(y.max()) >= num_classes:
-            raise DataError(f"label {int(y.max())} out of range for a model with {num_classes} classes")
-        result = search.run(x.to(config.device), budgets=budgets)
+    if len(y) and int(y.max()) >= num_classes:
+        raise DataError(f"label {int(y.max())} out of range for a model with {num_classes} classes")
+    runtime = Runtime(torch.device(config.device), config.precision)
+    out: dict[str, Any] = {"logits": {}, "alone": {}, "labels": y.clone()}
+    with runtime.autocast():
+        result = search.run(x.to(runtime.device), budgets=budgets)
         for b in budgets:
             for variant, aggregator in by_variant.items():
                 logits = result.logits[b] if variant == own else search.combine(result, b, aggregator, variant[1])
-                out.logits[(*variant, b)].append(logits.float())
-            out.seconds[b] += result.seconds_by_budget[b]
-            out.flops[b] += result.flops_by_budget[b]
-            out.used[b] = out.used.get(b, 0) + int(result.budget_used(b).sum())
+                out["logits"][_key(variant, b)] = logits.float().cpu()
         for al, module in config.learned.items():  # control: the trained module on the default state alone
             if result.features is not None:
-                with torch.no_grad():
-                    alone = net.head(module(result.features[:, :1], result.shift[:, :1]))  # type: ignore[operator]
-                out.alone.setdefault(al, []).append(alone.float())
-        out.forward += result.forward_flops
-        out.labels.append(y)
-        done += len(y)
-        progress("search", done, total)
+                alone = net.head(module(result.features[:, :1], result.shift[:, :1]))  # type: ignore[operator]
+                out["alone"][str(int(al))] = alone.float().cpu()
+    out["seconds"] = [float(result.seconds_by_budget[b]) for b in budgets]
+    out["flops"] = [float(result.flops_by_budget[b]) for b in budgets]
+    out["used"] = [int(result.budget_used(b).sum()) for b in budgets]
+    out["forward"] = float(result.forward_flops)
+    return out
+
+
+def _collect(search: PhaseSearch, dataset: Dataset[Any], budgets: list[int], by_variant: dict[Variant, Any],
+             own: Variant | None, config: ClassificationConfig, num_classes: int, total: int, progress: Progress,
+             dist: Any, store: Any) -> _Collected | None:
+    """Searches every batch once (across the ranks of ``dist``) and keeps every variant's logits at every budget;
+    ``None`` on ranks other than 0."""
+    from polyglean.distributed import DistContext, global_batches, run_sharded
+
+    def compute(batches: list[list[int]]) -> Any:
+        loader = make_loader(dataset, batch_size=config.batch_size, workers=config.workers, batch_sampler=batches)
+        for x, y in loader:
+            yield _batch(search, x, y, budgets, by_variant, own, config, num_classes)
+
+    payloads = run_sharded(global_batches(total, config.batch_size), compute, ctx=dist or DistContext(),
+                           store=store, on_progress=lambda done, n: progress("search", done, n))
+    if payloads is None:
+        return None
+    out = _Collected({(a, al, b): [] for a, al in by_variant for b in budgets}, {}, [],
+                     dict.fromkeys(budgets, 0.0), dict.fromkeys(budgets, 0.0))
+    for p in payloads:
+        for variant in by_variant:
+            for b in budgets:
+                out.logits[(*variant, b)].append(p["logits"][_key(variant, b)])
+        for al, logits in p["alone"].items():
+            out.alone.setdefault(bool(int(al)), []).append(logits)
+        for b, sec, fl, used in zip(budgets, p["seconds"], p["flops"], p["used"]):
+            out.seconds[b] += sec
+            out.flops[b] += fl
+            out.used[b] = out.used.get(b, 0) + used
+        out.forward += p["forward"]
+        out.labels.append(p["labels"])
     return out
 
 
@@ -231,16 +271,52 @@ def _rows(collected: _Collected, budgets: list[int], wanted: tuple[int, ...], va
     return rows, outcomes, target
 
 
+def store_settings(net: PhaseNet, dataset: Dataset[Any], config: ClassificationConfig) -> dict[str, Any]:
+    """Everything that changes a batch's results, by content, to key saved batches on
+    (:class:`polyglean.distributed.BatchStore`): the weights' and the trained aggregators' SHA-256, the images
+    (names, sizes, times, labels, in order) and every setting of ``config`` but the data-loading workers."""
+    from polyglean.aggregate import model_fingerprint
+    from polyglean.experiments.common import data_fingerprint
+
+    return {
+        "weights": model_fingerprint(net.model), "images": data_fingerprint(dataset),
+        "budgets": list(config.budgets), "criterion": config.criterion, "aggregates": list(config.aggregates),
+        "aligns": list(config.aligns), "aggregate_on": config.aggregate_on,
+        "search_space": None if config.search_space is None else [str(v) for v in config.search_space],
+        "learned": {str(al): model_fingerprint(m) for al, m in config.learned.items()},  # type: ignore[arg-type]
+        "batch_size": config.batch_size, "seed": config.seed, "device": torch.device(config.device).type,
+        "precision": config.precision, "phase_stride": config.phase_stride, "stop": _stop_key(config.stop),
+    }
+
+
+def _stop_key(stop: Any) -> Any:
+    """A stop rule as plain data (its kind and public settings), for keys."""
+    if stop is None or isinstance(stop, str):
+        return stop
+    if hasattr(stop, "rules"):
+        return [_stop_key(r) for r in stop.rules]
+    return {"kind": type(stop).__name__, **{k: v for k, v in vars(stop).items() if not k.startswith("_")}}
+
+
 @torch.no_grad()
 def evaluate_classification(net: PhaseNet, dataset: Dataset[Any], config: ClassificationConfig,
-                            progress: Progress | None = None) -> ClassificationResult:
+                            progress: Progress | None = None, *, dist: Any = None, store: Any = None
+                            ) -> ClassificationResult | None:
     """Runs the phase search on every image of ``dataset`` and measures every variant at every budget.
+
+    With ``dist`` (a :class:`polyglean.distributed.DistContext` of several processes, e.g. under ``torchrun``)
+    every rank calls this with the same arguments; the batches of ``config.batch_size`` images are dealt to the
+    ranks and the per-image results gathered on rank 0, which returns the result (the others return ``None``).
+    The batches are those of a single-process run, so the metrics are identical to it.
 
     Args:
         net: the :class:`PhaseNet` of a classifier in eval mode, on ``config.device``.
         dataset: ``(image tensor, label)`` pairs (e.g. a selection of a :class:`polyglean.data.ImageDataset`).
         config: budgets, criterion, aggregation variants and run settings.
-        progress: called after every batch.
+        progress: called after every batch (on rank 0: with the images done by all ranks).
+        dist: this process among several (:func:`polyglean.distributed.init_distributed`); None: one process.
+        store: a :class:`polyglean.distributed.BatchStore`: finished batches are saved there, and batches saved
+            by an interrupted run are taken from it instead of computed again.
 
     Raises:
         ArgumentError: a budget beyond the search space's states, a trained aggregator for another search space.
@@ -253,8 +329,9 @@ def evaluate_classification(net: PhaseNet, dataset: Dataset[Any], config: Classi
     budgets = sorted({1, *config.budgets})
     search, by_variant, own = _search(net, config, budgets[-1])
     num_classes = model_classes(net.model, net.input_size, config.device)
-    loader = make_loader(dataset, batch_size=config.batch_size, workers=config.workers)
-    collected = _collect(search, loader, budgets, by_variant, own, config, num_classes, total, progress)
+    collected = _collect(search, dataset, budgets, by_variant, own, config, num_classes, total, progress, dist, store)
+    if collected is None:
+        return None
     rows, outcomes, target = _rows(collected, budgets, config.budgets, config.variants())
     return ClassificationResult(rows, outcomes, target, [s.name for s in search.search_space],
                                 [s.name for s in net.sites], search.align)
@@ -285,4 +362,7 @@ def calibrate_adaptive(net: PhaseNet, dataset: Dataset[Any], config: Classificat
             yield x.to(config.device)
             done += x.shape[0]
             progress("calibrate", done, total)
-    return calibrate_stop(search, batches(), target_cost, rule)
+    from polyglean.runtime import Runtime
+
+    with Runtime(torch.device(config.device), config.precision).autocast():
+        return calibrate_stop(search, batches(), target_cost, rule)

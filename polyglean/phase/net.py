@@ -400,8 +400,10 @@ class PhaseNet(nn.Module):
             )
         return x
 
-    def encode_phases(self, phases: Phases, batch: int) -> list[PhaseValue]:
+    def encode_phases(self, phases: Phases, batch: int, device: torch.device | None = None) -> list[PhaseValue]:
         """Turns any accepted phase description into one entry per site: ``None``, a flat int, or ``(N,)``.
+
+        Per-image phases given as dicts become a tensor on ``device`` (that of the input; default the CPU).
 
         Raises:
             ValueError: unknown site, phase out of range, or a batch size that does not match.
@@ -425,7 +427,7 @@ class PhaseNet(nn.Module):
         if isinstance(phases, Sequence) and not isinstance(phases, (str, bytes)):
             if len(phases) != batch:
                 raise ArgumentError(f"got phases for {len(phases)} images but the batch has {batch}")
-            table = torch.zeros(batch, len(self._sites), dtype=torch.long)
+            table = torch.zeros(batch, len(self._sites), dtype=torch.long, device=device)
             for i, per_image in enumerate(phases):
                 if not isinstance(per_image, Mapping):
                     raise TypeError(f"per-image phases must be dicts {{site: (dy, dx)}}, got {type(per_image)}")
@@ -474,7 +476,7 @@ class PhaseNet(nn.Module):
     def forward(self, x: Tensor, phases: Phases = None) -> Any:
         """Runs the model with ``phases`` (sites not named keep phase ``(0, 0)``)."""
         x = self.check_input(x)
-        out, _ = self.run_from(0, (x,), self.encode_phases(phases, x.shape[0]))
+        out, _ = self.run_from(0, (x,), self.encode_phases(phases, x.shape[0], x.device))
         return out
 
     def run_to(self, x: Tensor, segment: int, phases: list[PhaseValue]) -> tuple[Tensor, ...]:
@@ -523,7 +525,7 @@ class PhaseNet(nn.Module):
         x = self.check_input(x)
         s = self.site(site)
         n, count = x.shape[0], s.num_phases
-        encoded = self.encode_phases(phases, n)
+        encoded = self.encode_phases(phases, n, x.device)
         segment = self._entry[s.index]
         values = self.run_to(x, segment, encoded)
         values = tuple(v.repeat_interleave(count, 0) for v in values)

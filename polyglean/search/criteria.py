@@ -51,7 +51,7 @@ class RandomCriterion(Criterion):
     """A random order (seeded)."""
 
     def score(self, logits: Tensor, shift: Tensor, generator: torch.Generator) -> Tensor:
-        return torch.rand(logits.shape[0], generator=generator)
+        return torch.rand(logits.shape[0], generator=generator, device=generator.device).to(logits.device)
 
 
 @CRITERIA.register("delta")
@@ -81,7 +81,7 @@ class LearnedCriterion(Criterion):
     def score(self, logits: Tensor, shift: Tensor, generator: torch.Generator,
               features: Tensor | None = None) -> Tensor:
         if features is None:  # scored again with the features right after the expansion
-            return torch.zeros(logits.shape[0])
+            return logits.new_zeros(logits.shape[0], dtype=torch.float32)
         if self.module is None:
             raise ValueError("the learned criterion has no aggregator module; use aggregate='learned' or pass "
                              "LearnedCriterion(module)")

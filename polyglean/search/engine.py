@@ -241,6 +241,7 @@ class PhaseSearch:
         entry = [net.entry_segment(k) for k in space]
         seg_flops = net.segment_flops()
         stop = net.head_segment if self.aggregate_on == "features" else None
+        # The random criterion draws on the CPU whatever the device, so it picks the same states everywhere.
         generator = torch.Generator().manual_seed(self.seed)
         flops = 0.0
 
@@ -252,10 +253,11 @@ class PhaseSearch:
         if root_features is not None:
             flops += n * seg_flops[net.head_segment]
         zero = tuple([0] * len(sites))
-        root_shift = torch.zeros(n, 2, dtype=torch.long)
+        root_shift = torch.zeros(n, 2, dtype=torch.long, device=x.device)
         root_scores = self.criterion.score(root_logits, root_shift, generator)
+        root_scores = root_scores.tolist()
         cands: list[list[_Candidate]] = [
-            [_Candidate(zero, 0, float(root_scores[i]), root_logits[i],
+            [_Candidate(zero, 0, root_scores[i], root_logits[i],
                         {seg: tuple(v[i:i + 1] for v in vals) for seg, vals in kept.items()},
                         None if root_features is None else root_features[i:i + 1])]
             for i in range(n)
@@ -278,10 +280,10 @@ class PhaseSearch:
             new = self._evaluate(requests, entry, stop, seg_flops)
             flops += new["flops"]
             evaluated += len(new["rows"])
-            shift = self._displacement(torch.tensor([r[1] for r in new["rows"]]))
-            scores = self.criterion.score(new["logits"], shift, generator)
+            shift = self._displacement(torch.tensor([r[1] for r in new["rows"]], device=x.device))
+            scores = self.criterion.score(new["logits"], shift, generator).tolist()  # one device sync per step
             for row, (image, state, depth, cache) in enumerate(new["rows"]):
-                cands[image].append(_Candidate(state, depth, float(scores[row]), new["logits"][row], cache,
+                cands[image].append(_Candidate(state, depth, scores[row], new["logits"][row], cache,
                                                None if new["features"] is None else new["features"][row:row + 1],
                                                new["costs"][row]))
             if self.criterion.rescore:
@@ -363,7 +365,7 @@ class PhaseSearch:
         rows = [rows[r] for r in order]
         starts = [starts[r] for r in order]
         inputs = [inputs[r] for r in order]
-        states = torch.tensor([r[1] for r in rows])
+        states = torch.tensor([r[1] for r in rows], device=inputs[0][0].device)
         needed = [{entry[j] for j in range(r[2], m)} for r in rows]
         last = stop if stop is not None else len(net.segments)
         flops = 0.0
@@ -396,7 +398,7 @@ class PhaseSearch:
         with_features = getattr(self.criterion, "needs_features", False)
         for pool in cands:
             logits = torch.stack([c.logits for c in pool])
-            shift = self._displacement(torch.tensor([c.state for c in pool]))
+            shift = self._displacement(torch.tensor([c.state for c in pool], device=logits.device))
             if with_features:
                 for c, d in zip(pool, shift):
                     if c.aligned is None:
@@ -434,10 +436,10 @@ class PhaseSearch:
         width = max(counts)
         if min(counts) < width:  # a stop rule ended some searches early: pad with copies of the default state
             cands = [pool + [pool[0]] * (width - len(pool)) for pool in cands]
-        states = torch.tensor([[c.state for c in pool] for pool in cands])
-        shift = self._displacement(states)
         logits = torch.stack([torch.stack([c.logits for c in pool]) for pool in cands])
-        scores = torch.tensor([[c.score for c in pool] for pool in cands])
+        states = torch.tensor([[c.state for c in pool] for pool in cands], device=logits.device)
+        shift = self._displacement(states)
+        scores = torch.tensor([[c.score for c in pool] for pool in cands], device=logits.device)
         seg_flops = net.segment_flops()
         forward = float(n * sum(seg_flops))
         feats = None

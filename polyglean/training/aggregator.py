@@ -149,36 +149,55 @@ def collect_candidates(search: PhaseSearch, batches: Iterable[tuple[Tensor, Tens
 
 def train_epoch(module: AttentionAggregator, head: Callable[[Tensor], Tensor], data: CandidateSet,
                 optimizer: torch.optim.Optimizer, scheduler: Any, *, batch_size: int, generator: torch.Generator,
-                min_budget: int = 2, on_step: Callable[[float], None] | None = None) -> float:
+                min_budget: int = 2, on_step: Callable[[float], None] | None = None, dist: Any = None) -> float:
     """One pass over ``data`` in a random order; each batch aggregates the first ``b`` candidates, ``b`` drawn
-    uniformly from ``[min_budget, data.budget]``. Returns the mean cross-entropy."""
+    uniformly from ``[min_budget, data.budget]``. Returns the mean cross-entropy.
+
+    With ``dist`` (a :class:`polyglean.distributed.DistContext` of several processes) ``module`` is wrapped in
+    :class:`torch.nn.parallel.DistributedDataParallel` and every rank holds the same ``data`` and a generator with
+    the same seed: each global batch of ``batch_size`` images is split between the ranks (rank ``r`` takes every
+    ``world``-th image), and each rank's loss is its images' summed loss over the global batch size times the
+    world size, so that the gradient DDP averages is the gradient of the global batch's mean loss: the same
+    steps as one process with the same ``batch_size`` and seed, to float rounding.
+    """
+    import torch.distributed as torch_dist
+
+    world = dist.world_size if dist is not None and dist.distributed else 1
+    rank = dist.rank if world > 1 else 0
     module.train()
     n = len(data)
     order = torch.randperm(n, generator=generator)
     top = data.budget
     total, count = 0.0, 0
+    device = next(module.parameters()).device
     for i in range(0, n, batch_size):
         idx = order[i:i + batch_size]
         b = int(torch.randint(min(min_budget, top), top + 1, (1,), generator=generator))
-        f = data.features[idx, :b].float()
-        logits = head(module(f, data.shift[idx, :b]))
-        loss = F.cross_entropy(logits, data.labels[idx])
+        local = idx[rank::world]
+        f = data.features[local, :b].float().to(device)
+        logits = head(module(f, data.shift[local, :b].to(device)))
+        summed = F.cross_entropy(logits, data.labels[local].to(device), reduction="sum")
+        loss = summed * (world / len(idx))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total += float(loss.detach()) * len(idx)
+        batch_loss = summed.detach().reshape(1)
+        if world > 1:
+            torch_dist.all_reduce(batch_loss)
+        total += float(batch_loss)
         count += len(idx)
         if on_step is not None:
-            on_step(float(loss.detach()))
+            on_step(float(batch_loss) / len(idx))
     module.eval()
     return total / max(count, 1)
 
 
 @torch.no_grad()
 def accuracy_by_budget(module: AttentionAggregator | None, head: Callable[[Tensor], Tensor], data: CandidateSet,
-                       budgets: Iterable[int], batch_size: int = 256) -> dict[int, dict[str, float]]:
+                       budgets: Iterable[int], batch_size: int = 256, device: torch.device | str = "cpu"
+                       ) -> dict[int, dict[str, float]]:
     """Top-1 (%) and NLL of the module on the first ``b`` candidates of each image, per budget; with
     ``module=None`` the plain average (the untrained module's output)."""
     out = {}
@@ -187,9 +206,9 @@ def accuracy_by_budget(module: AttentionAggregator | None, head: Callable[[Tenso
             raise ArgumentError(f"budget {b} out of range for {data.budget} cached candidates")
         correct, nll = 0, 0.0
         for i in range(0, len(data), batch_size):
-            f = data.features[i:i + batch_size, :b].float()
-            y = data.labels[i:i + batch_size]
-            agg = f.mean(1) if module is None else module(f, data.shift[i:i + batch_size, :b])
+            f = data.features[i:i + batch_size, :b].float().to(device)
+            y = data.labels[i:i + batch_size].to(device)
+            agg = f.mean(1) if module is None else module(f, data.shift[i:i + batch_size, :b].to(device))
             logits = head(agg)
             correct += int((logits.argmax(-1) == y).sum())
             nll += float(F.cross_entropy(logits.float(), y, reduction="sum"))

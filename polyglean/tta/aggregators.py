@@ -185,7 +185,7 @@ def calibrated_nll(log_probs: Tensor, labels: Tensor) -> tuple[float, float]:
         - labels: ``(N,)``
     """
     lp = log_probs.double()
-    grid = torch.logspace(math.log10(0.05), math.log10(20.0), 61, dtype=torch.float64)
+    grid = torch.logspace(math.log10(0.05), math.log10(20.0), 61, dtype=torch.float64, device=lp.device)
     nll = torch.stack([F.cross_entropy(lp / t, labels) for t in grid])
     log_t = grid[int(nll.argmin())].log().clone().requires_grad_(True)
     opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=30, line_search_fn="strong_wolfe")
@@ -253,7 +253,7 @@ class GPS(TTAAggregator):
         return self
 
     def combine(self, logits: Tensor) -> Tensor:
-        counts = torch.bincount(torch.tensor(self.selected), minlength=logits.shape[1]).float()
+        counts = torch.bincount(torch.tensor(self.selected, device=logits.device), minlength=logits.shape[1]).float()
         used = counts > 0
         return _log_mean_softmax(logits[:, used], counts[used] / counts.sum())
 
@@ -304,7 +304,8 @@ class _Weighted(TTAAggregator):
             raise ArgumentError(f"{logits.shape[0]} rows of logits but {labels.shape[0]} labels")
         self.num_views = logits.shape[1]
         z = logits[:, self.views(logits.shape[1])].double()
-        theta = torch.zeros(self._shape(z.shape[1], z.shape[2]), dtype=torch.float64, requires_grad=True)
+        theta = torch.zeros(self._shape(z.shape[1], z.shape[2]), dtype=torch.float64, device=z.device,
+                            requires_grad=True)
         opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=self.max_iter, line_search_fn="strong_wolfe",
                                 tolerance_grad=1e-9, tolerance_change=1e-12)
 
@@ -320,7 +321,7 @@ class _Weighted(TTAAggregator):
         return self
 
     def _mix(self, z: Tensor, theta: Tensor) -> Tensor:
-        return (z * self._weights(theta).to(z.dtype).unsqueeze(0)).sum(1)
+        return (z * self._weights(theta).to(z.device, z.dtype).unsqueeze(0)).sum(1)
 
     def combine(self, logits: Tensor) -> Tensor:
         assert self.theta is not None

@@ -236,7 +236,7 @@ class AugmentedSearch:
         budgets = sorted(set(budgets or [self.search.budget]))
         used = self.aggregator.views(len(self.policy))
         part = search_views(self.search, [self.policy[i] for i in used], x, budgets)
-        full = torch.zeros(len(self.policy), *part.logits.shape[1:])
+        full = part.logits.new_zeros(len(self.policy), *part.logits.shape[1:])
         full[used] = part.logits
         views = ViewLogits([a.name for a in self.policy], budgets, full, torch.zeros(len(self.policy), len(budgets)),
                            torch.zeros(len(self.policy), len(budgets)), part.forward_flops)
