@@ -256,7 +256,7 @@ def cad_swap(model: nn.Module, *, site: str | int | None = None, mask: str = "ed
     unknown = set(mask_kwargs) - {"threshold", "width", "tau", "keep"}
     if unknown:
         raise ArgumentError(f"unknown CAD option(s) {sorted(unknown)}; known: keep, tau, threshold, width")
-    copied = copy.deepcopy(model)
+    copied = copy.deepcopy(model).eval()  # traced in eval mode; the rewrite gets the model's mode back at the end
     net = PhaseNet(copied, input_size=input_size)
     if not net.sites:
         raise ModelError(f"{type(model).__name__} has no subsampling site to make content-adaptive")

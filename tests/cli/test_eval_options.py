@@ -58,7 +58,7 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
 ])
 def test_refused_before_any_work(folder: Path, no_model: None, argv: list[str], message: str | None,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    base = ["eval", "--model", "torchvision:resnet18", "--data", str(folder), "--no-progress"]
+    base = ["eval", "--model", "torchvision:resnet18", "--random-weights", "--data", str(folder), "--no-progress"]
     if message is None:
         with pytest.raises(SystemExit):
             main(base + argv)
@@ -71,7 +71,7 @@ def test_refused_before_any_work(folder: Path, no_model: None, argv: list[str], 
 @pytest.mark.parametrize("flag", ["--json", "--plot"])
 def test_output_paths_checked_first(folder: Path, tmp_path: Path, no_model: None, flag: str,
                                     capsys: pytest.CaptureFixture[str]) -> None:
-    base = ["eval", "--model", "torchvision:resnet18", "--data", str(folder), "--no-progress"]
+    base = ["eval", "--model", "torchvision:resnet18", "--random-weights", "--data", str(folder), "--no-progress"]
     assert main([*base, flag, str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
@@ -80,12 +80,12 @@ def test_output_paths_checked_first(folder: Path, tmp_path: Path, no_model: None
 
 
 def test_missing_data_folder(no_model: None, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["eval", "--model", "torchvision:resnet18", "--data", "/no/such/folder"]) == 2
+    assert main(["eval", "--model", "torchvision:resnet18", "--random-weights", "--data", "/no/such/folder"]) == 2
     assert "--data folder not found: /no/such/folder" in capsys.readouterr().err
 
 
 def test_subset_outside_the_data(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["eval", "--model", "torchvision:resnet18", "--data", str(folder), "--subset", "10:", "--budgets", "1",
+    assert main(["eval", "--model", "torchvision:resnet18", "--random-weights", "--data", str(folder), "--subset", "10:", "--budgets", "1",
                  "--no-progress", "--workers", "0"]) == 2
     err = capsys.readouterr().err
     assert "subset 10: is outside the 6 selected images" in err and "Traceback" not in err
@@ -94,7 +94,7 @@ def test_subset_outside_the_data(folder: Path, capsys: pytest.CaptureFixture[str
 def test_tta_cache_must_be_a_folder(folder: Path, tmp_path: Path, no_model: None,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "file").write_text("x")
-    assert main(["eval", "--model", "torchvision:resnet18", "--data", str(folder), "--tta", "mean",
+    assert main(["eval", "--model", "torchvision:resnet18", "--random-weights", "--data", str(folder), "--tta", "mean",
                  "--tta-cache", str(tmp_path / "file")]) == 2
     assert "is a file; give a folder" in capsys.readouterr().err
 
@@ -106,7 +106,7 @@ def test_tta_cache_must_be_a_folder(folder: Path, tmp_path: Path, no_model: None
 ])
 def test_refused_after_loading(folder: Path, argv: list[str], message: str,
                                capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["eval", "--model", "torchvision:resnet18", "--data", str(folder), "--budgets", "1,2",
+    assert main(["eval", "--model", "torchvision:resnet18", "--random-weights", "--data", str(folder), "--budgets", "1,2",
                  "--no-progress", "--workers", "0", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -118,7 +118,7 @@ def test_a_bug_keeps_its_traceback(folder: Path, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(eval_cmd, "run", broken)
     with pytest.raises(TypeError, match="a bug"):
-        main(["eval", "--model", "torchvision:resnet18", "--data", str(folder)])
+        main(["eval", "--model", "torchvision:resnet18", "--random-weights", "--data", str(folder)])
 
 
 def test_inspect_huge_input_refused_before_allocating(capsys: pytest.CaptureFixture[str]) -> None:
@@ -132,7 +132,7 @@ def test_tta_subset_honoured_and_json_mode_kept(folder: Path, tmp_path: Path) ->
     out = tmp_path / "r.json"
     out.write_text("{}")
     os.chmod(out, 0o604)
-    assert main(["eval", "--model", "torchvision:resnet18", "--data", str(folder), "--tta", "none,mean",
+    assert main(["eval", "--model", "torchvision:resnet18", "--random-weights", "--data", str(folder), "--tta", "none,mean",
                  "--tta-policy", "flip", "--budgets", "1", "--subset", "1:", "--tta-data-part", "even",
                  "--batch-size", "4", "--workers", "0", "--no-progress", "--json", str(out)]) == 0
     payload = json.loads(out.read_text())

@@ -10,15 +10,9 @@ from torch import nn
 
 from polyglean.models import ModelPreset, Preprocess, get_preset, list_models, register_preset, unregister_preset
 
-BUILTIN = [
-    "cifar10-resnet20",
-    "cifar10-resnet32",
-    "cifar10-resnet44",
-    "cifar10-resnet56",
-    "imagenet-efficientnet-lite0",
-    "imagenet-efficientnet-lite1",
-    "imagenet-efficientnet-lite2",
-]
+BUILTIN = ["cifar10-resnet20", "cifar10-resnet32", "cifar10-resnet44", "cifar10-resnet56",
+           "imagenet-efficientnet-lite0", "imagenet-efficientnet-lite1", "imagenet-efficientnet-lite2"]
+DENSE = ["camvid-cgnet", "camvid-espnet"]
 
 
 def _preset(name: str) -> ModelPreset:
@@ -41,7 +35,7 @@ def toy() -> Iterator[ModelPreset]:
 
 
 def test_builtin_presets() -> None:
-    assert list_models() == BUILTIN
+    assert list_models() == sorted(DENSE + BUILTIN)
 
 
 @pytest.mark.parametrize(
