@@ -177,7 +177,7 @@ class TestSearch:
 
         with torch.no_grad():
             for i in range(x.shape[0]):
-                ref = reference_search(_Unwrap(net), x[i:i + 1], 7, space, score)
+                ref, _ = reference_search(_Unwrap(net), x[i:i + 1], 7, space, score)
                 assert [tuple(s) for s in result.states[i].tolist()] == ref
                 for j, state in enumerate(ref):
                     single = net(x[i:i + 1], phases=torch.tensor([state]))["out"][0]
