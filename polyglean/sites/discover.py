@@ -277,6 +277,21 @@ def _upsampling(i: NodeInfo) -> tuple[Fraction, Fraction] | None:
     return None
 
 
+_PAD_MODULES = (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d)
+
+
+def _is_pad(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Padding enlarges a map without changing its grid (a blur pool's reflect padding): not an upsampling."""
+    if node.op == "call_function":
+        return _safe_in(node.target, {F.pad, torch.constant_pad_nd})
+    if node.op == "call_module":
+        try:
+            return isinstance(gm.get_submodule(str(node.target)), _PAD_MODULES)
+        except AttributeError:
+            return False
+    return False
+
+
 def _reductions(gm: fx.GraphModule, info: dict[fx.Node, NodeInfo], ops: dict[fx.Node, PhaseOp]
                 ) -> dict[fx.Node, Reduction]:
     """The reduction of every tensor value from the input, along the dataflow (largest path where paths meet).
@@ -305,7 +320,7 @@ def _reductions(gm: fx.GraphModule, info: dict[fx.Node, NodeInfo], ops: dict[fx.
         if node in ops:
             f = ops[node].factor
             r = (r[0] * f[0], r[1] * f[1])
-        else:
+        elif not _is_pad(gm, node):
             up = _upsampling(info[node])
             if up is not None:
                 r = (r[0] * up[0], r[1] * up[1])
