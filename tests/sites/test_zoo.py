@@ -32,6 +32,8 @@ KNOWN = {
                "output barely depends on the input)",
     "tresnet": "tresnet_l with random weights: a phase at a middle site does not change the output",
     "naflexvit": "NaFlexViT embeds patches with a linear layer on a reshaped input: no strided op to find",
+    "starnet": "open: starnet_s1 blows random activations up to ~1e9; the phase differs from the reference by 1e-8 of "
+               "the output even in float64",
 }
 # Too large for CPU test budgets (over 150 s for one model on 2 cores); not checked.
 LARGE = {"deepseek_vit", "mobilenetv5"}
