@@ -27,6 +27,8 @@ Reduction = tuple[Fraction, Fraction]
 _CONTRACTIONS: set[Any] = {operator.matmul, torch.matmul, torch.bmm, torch.einsum, torch.baddbmm,
                            F.scaled_dot_product_attention}
 _CONTRACTION_METHODS = {"matmul", "bmm", "__matmul__", "baddbmm"}
+# Padding grows a map by a few pixels; it never upsamples.
+_PADS: set[Any] = {F.pad, torch.constant_pad_nd, torch._C._nn.pad}
 
 
 @dataclass(frozen=True)
@@ -268,13 +270,26 @@ def _safe_in(target: Any, items: set[Any]) -> bool:
 
 
 def _upsampling(i: NodeInfo) -> tuple[Fraction, Fraction] | None:
-    """``(in / out)`` per spatial dimension for a node that enlarges an NCHW map (both dimensions), else None."""
+    """``(in / out)`` per spatial dimension for a node that enlarges an NCHW map by at least 1.5 in both dimensions
+    (upsampling; padding adds a few pixels and is not), else None."""
     a, b = i.input_shape, i.shape
     if a is None or b is None or len(a) != 4 or len(b) != 4 or a[0] != b[0] or a[1] != b[1]:
         return None
-    if b[-2] > a[-2] > 0 and b[-1] > a[-1] > 0:
+    if 2 * b[-2] >= 3 * a[-2] > 0 and 2 * b[-1] >= 3 * a[-1] > 0:
         return (Fraction(a[-2], b[-2]), Fraction(a[-1], b[-1]))
     return None
+
+
+def _is_pad(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return _safe_in(node.target, _PADS)
+    if node.op == "call_method":
+        return node.target == "pad"
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), nn.modules.padding._ConstantPadNd
+                          | nn.modules.padding._ReflectionPadNd | nn.modules.padding._ReplicationPadNd
+                          | nn.modules.padding.CircularPad2d)
+    return False
 
 
 def _reductions(gm: fx.GraphModule, info: dict[fx.Node, NodeInfo], ops: dict[fx.Node, PhaseOp]
@@ -305,7 +320,7 @@ def _reductions(gm: fx.GraphModule, info: dict[fx.Node, NodeInfo], ops: dict[fx.
         if node in ops:
             f = ops[node].factor
             r = (r[0] * f[0], r[1] * f[1])
-        else:
+        elif not _is_pad(gm, node):
             up = _upsampling(info[node])
             if up is not None:
                 r = (r[0] * up[0], r[1] * up[1])

@@ -149,3 +149,24 @@ def test_weight_standardised_same_conv_is_an_op_kind(cls: str) -> None:
         for phase in [(0, 1), (1, 0), (1, 1)]:
             torch.testing.assert_close(net(x, phases={"0": phase}), reference_forward(net, x, {0: phase}),
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_padding_is_not_upsampling() -> None:
+    """A reflect pad before a strided blur grows the map by 2: the reduction must not drop (sites still group)."""
+    import torch.nn.functional as F
+
+    class Blur(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), torch.ones(3, 1, 3, 3, device=x.device) / 9,
+                            stride=2, groups=3)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blur = Blur()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.blur(x) + x[:, :, ::2, ::2]
+
+    net = PhaseNet(Block().eval(), (3, 16, 16))
+    assert len(net.sites) == 1 and net.sites[0].reduction == (2, 2) and net.sites[0].main_path
