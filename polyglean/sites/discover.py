@@ -46,7 +46,7 @@ class Site:
         index: Position among the model's sites, input to output.
         reduction: Total reduction ``(r_h, r_w)`` from the model's input to this site's output, along the dataflow:
             the factors of the sites on the way multiply, upsampling divides, and where paths meet the largest
-            reduction counts (the keys and values of an attention product do not pass their reduction on).
+            reduction counts (a product that contracts tokens, attention, takes the smallest of its operands).
         main_path: Whether every path from the input to the output passes through this site (a cut of the
             graph): its phase then displaces everything after it. Sites off the main path (the spatial-reduction
             convolutions of attention, auxiliary branches) are searchable, but the default search space and the

@@ -128,7 +128,7 @@ def test_crossvit_default_search_is_refused_clearly() -> None:
     assert not any(s.main_path for s in net.sites)
     check(net, model, torch.randn(1, 3, 240, 240))
     with pytest.raises(ModelError, match="no subsampling site of CrossVit lies on its main path"):
-        PhaseSearch(net)
+        PhaseSearch(net, aggregate_on="logits")
 
 
 @pytest.mark.parametrize("cls", ["StdConv2dSame", "ScaledStdConv2dSame"])
