@@ -313,14 +313,15 @@ def _reductions(gm: fx.GraphModule, info: dict[fx.Node, NodeInfo], ops: dict[fx.
             if ins:
                 red[node] = (min(v[0] for v in ins), min(v[1] for v in ins))
             continue
-        ins = [red[a] for a in _lineage(node, info) if a in red]
+        lineage = _lineage(node, info)
+        ins = [red[a] for a in lineage if a in red]
         if not ins:
             continue
         r = (max(v[0] for v in ins), max(v[1] for v in ins))
         if node in ops:
             f = ops[node].factor
             r = (r[0] * f[0], r[1] * f[1])
-        elif not _is_pad(gm, node):
+        elif len(lineage) == 1 and not _is_pad(gm, node):  # one map in: broadcasting (SE's x * s) is not it
             up = _upsampling(info[node])
             if up is not None:
                 r = (r[0] * up[0], r[1] * up[1])
@@ -355,11 +356,12 @@ def _group(gm: fx.GraphModule, info: dict[fx.Node, NodeInfo], ops: dict[fx.Node,
     return list(groups.values())
 
 
-def _is_cut(nodes: list[fx.Node], blocked: set[fx.Node]) -> bool:
-    """Whether every path from the input to the output passes through ``blocked``."""
+def _is_cut(nodes: list[fx.Node], blocked: set[fx.Node], info: dict[fx.Node, NodeInfo]) -> bool:
+    """Whether every path of tensors from the input to the output passes through ``blocked`` (sizes read from the
+    input, e.g. ``x.shape[0]`` for a reshape, are not paths)."""
     reached: set[fx.Node] = set()
     for n in nodes:
-        if n in blocked:
+        if n in blocked or (n.op != "output" and not _carries(info, n)):
             continue
         if n.op == "placeholder" or any(a in reached for a in n.all_input_nodes):
             reached.add(n)
@@ -461,7 +463,7 @@ def discover(model: nn.Module, input_size: Sequence[int] = (3, 224, 224),
         out_size = _spatial(info[first].shape, members[0].dims)
         reduction = whole(red[first])
         sites.append(Site(name, op_names, members[0].factor, levels.index(reduction) + 1, in_size, out_size, index,
-                          reduction, _is_cut(nodes, set(group))))
+                          reduction, _is_cut(nodes, set(group), info)))
         for n, op in zip(group, members):
             ops[n] = (op, index)
     # The example's tensors are no longer needed; keep shapes only.
