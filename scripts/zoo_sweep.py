@@ -37,7 +37,10 @@ def markdown(rows: list[dict]) -> str:
     if refused:
         lines += ["", "| family | model | why |", "|---|---|---|"]
         for r in sorted(refused, key=lambda r: r["family"]):
-            lines.append(f"| {r['family']} | `{r['model']}` | {r['status']}: {r['reason'].replace('|', '/')} |")
+            reason = r["reason"].replace("|", "/")
+            reason = reason if len(reason) <= 160 else reason[:157] + "..."
+            status = "timeout" if "TimeoutError" in reason else r["status"]
+            lines.append(f"| {r['family']} | `{r['model']}` | {status}: {reason} |")
     if unbuildable:
         lines += ["", "Not buildable offline with random weights: "
                   + ", ".join(f"{r['family']} (`{r['model']}`)" for r in unbuildable) + "."]

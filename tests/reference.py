@@ -146,6 +146,22 @@ def op_reference(op: Any, phase: tuple[int, int], args: tuple, kwargs: dict) -> 
                                              divisor_override=None), args, kwargs)
         return avg_pool2d_ref(x, a["kernel_size"], a["stride"] or a["kernel_size"], a["padding"], a["ceil_mode"],
                               a["count_include_pad"], a["divisor_override"], phase)
+    if op.kind == "avg_pool_same":
+        m = module
+        pads = _same_pads(x, m.kernel_size, m.stride, 1)
+        return avg_pool2d_ref(F.pad(x, pads), m.kernel_size, m.stride, 0, m.ceil_mode, m.count_include_pad, None,
+                              phase)
+    if op.kind == "std_conv_same":
+        m = module
+        w = m.weight
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        var = w.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
+        w = (w - mean) / torch.sqrt(var + m.eps)
+        if getattr(m, "gain", None) is not None:
+            w = w * (m.gain * m.scale).view(-1, 1, 1, 1)
+        pads = _same_pads(x, w.shape[-2:], m.stride, m.dilation) if m.same_pad else None
+        padding = 0 if m.same_pad else m.padding
+        return conv2d_ref(x, w, m.bias, m.stride, padding, m.dilation, m.groups, phase, pads=pads)
     if op.kind == "slice":
         index = list(args[1])
         assert None not in index, index

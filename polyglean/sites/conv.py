@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from polyglean.sites.geometry import Phase, as_pair, conv_padding, check_phase, output_size, same_padding, window
 from polyglean.sites.ops import FunctionPhaseOp, ModulePhaseOp, bind, register_function_op, register_module_op
 
-__all__ = ["Conv2dPhase", "Conv2dSamePhase", "FunctionalConv2dPhase", "conv2d_phase"]
+__all__ = ["Conv2dPhase", "Conv2dSamePhase", "FunctionalConv2dPhase", "StdConv2dSamePhase", "conv2d_phase"]
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
@@ -133,3 +133,47 @@ if _TimmConv2dSame is not None:
     def _conv2d_same(module: nn.Module, name: str) -> Conv2dSamePhase | None:
         factor = as_pair(module.stride)
         return Conv2dSamePhase(module, name, factor) if factor != (1, 1) else None
+
+
+class StdConv2dSamePhase(ModulePhaseOp):
+    """timm's weight-standardised convolutions with dynamic "SAME" padding (``StdConv2dSame``,
+    ``ScaledStdConv2dSame``; untraceable, so kept whole): the standardised weight, then the convolution at a phase."""
+
+    kind = "std_conv_same"
+
+    def standardized_weight(self) -> Tensor:
+        """The weight the module convolves with (zero mean, unit variance per filter; scaled by ``gain * scale``)."""
+        m = self.module
+        gain = getattr(m, "gain", None)
+        scale = (gain * m.scale).view(-1) if gain is not None else None
+        flat = F.batch_norm(m.weight.reshape(1, m.out_channels, -1), None, None, weight=scale, training=True,
+                            momentum=0.0, eps=m.eps)
+        return flat.reshape_as(m.weight)
+
+    def at_phase(self, phase: Phase, x: Tensor) -> Tensor:
+        m = self.module
+        k, s, d = m.weight.shape[-2:], as_pair(m.stride), as_pair(m.dilation)
+        if m.same_pad:
+            top, bottom = same_padding(x.shape[-2], k[0], s[0], d[0])
+            left, right = same_padding(x.shape[-1], k[1], s[1], d[1])
+            return conv2d_phase(x, self.standardized_weight(), m.bias, m.stride, 0, m.dilation, m.groups,
+                                phase=phase, explicit_padding=(left, right, top, bottom))
+        return conv2d_phase(x, self.standardized_weight(), m.bias, m.stride, m.padding, m.dilation, m.groups,
+                            phase=phase)
+
+
+try:
+    from timm.layers.std_conv import ScaledStdConv2dSame as _TimmScaledStdSame
+    from timm.layers.std_conv import StdConv2dSame as _TimmStdSame
+except ImportError:  # pragma: no cover
+    _TimmScaledStdSame = _TimmStdSame = None
+
+
+def _std_conv_same(module: nn.Module, name: str) -> StdConv2dSamePhase | None:
+    factor = as_pair(module.stride)
+    return StdConv2dSamePhase(module, name, factor) if factor != (1, 1) else None
+
+
+for _cls in (_TimmStdSame, _TimmScaledStdSame):
+    if _cls is not None:
+        register_module_op(_cls, _std_conv_same)

@@ -27,6 +27,8 @@ Reduction = tuple[Fraction, Fraction]
 _CONTRACTIONS: set[Any] = {operator.matmul, torch.matmul, torch.bmm, torch.einsum, torch.baddbmm,
                            F.scaled_dot_product_attention}
 _CONTRACTION_METHODS = {"matmul", "bmm", "__matmul__", "baddbmm"}
+# Padding grows a map by a few pixels; it never upsamples.
+_PADS: set[Any] = {F.pad, torch.constant_pad_nd, torch._C._nn.pad}
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class Site:
         index: Position among the model's sites, input to output.
         reduction: Total reduction ``(r_h, r_w)`` from the model's input to this site's output, along the dataflow:
             the factors of the sites on the way multiply, upsampling divides, and where paths meet the largest
-            reduction counts (the keys and values of an attention product do not pass their reduction on).
+            reduction counts (a product that contracts tokens, attention, takes the smallest of its operands).
         main_path: Whether every path from the input to the output passes through this site (a cut of the
             graph): its phase then displaces everything after it. Sites off the main path (the spatial-reduction
             convolutions of attention, auxiliary branches) are searchable, but the default search space and the
@@ -268,27 +270,25 @@ def _safe_in(target: Any, items: set[Any]) -> bool:
 
 
 def _upsampling(i: NodeInfo) -> tuple[Fraction, Fraction] | None:
-    """``(in / out)`` per spatial dimension for a node that enlarges an NCHW map (both dimensions), else None."""
+    """``(in / out)`` per spatial dimension for a node that enlarges an NCHW map by at least 1.5 in both dimensions
+    (upsampling; padding adds a few pixels and is not), else None."""
     a, b = i.input_shape, i.shape
     if a is None or b is None or len(a) != 4 or len(b) != 4 or a[0] != b[0] or a[1] != b[1]:
         return None
-    if b[-2] > a[-2] > 0 and b[-1] > a[-1] > 0:
+    if 2 * b[-2] >= 3 * a[-2] > 0 and 2 * b[-1] >= 3 * a[-1] > 0:
         return (Fraction(a[-2], b[-2]), Fraction(a[-1], b[-1]))
     return None
 
 
-_PAD_MODULES = (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d)
-
-
 def _is_pad(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Padding enlarges a map without changing its grid (a blur pool's reflect padding): not an upsampling."""
     if node.op == "call_function":
-        return _safe_in(node.target, {F.pad, torch.constant_pad_nd})
+        return _safe_in(node.target, _PADS)
+    if node.op == "call_method":
+        return node.target == "pad"
     if node.op == "call_module":
-        try:
-            return isinstance(gm.get_submodule(str(node.target)), _PAD_MODULES)
-        except AttributeError:
-            return False
+        return isinstance(gm.get_submodule(str(node.target)), nn.modules.padding._ConstantPadNd
+                          | nn.modules.padding._ReflectionPadNd | nn.modules.padding._ReplicationPadNd
+                          | nn.modules.padding.CircularPad2d)
     return False
 
 
@@ -313,14 +313,15 @@ def _reductions(gm: fx.GraphModule, info: dict[fx.Node, NodeInfo], ops: dict[fx.
             if ins:
                 red[node] = (min(v[0] for v in ins), min(v[1] for v in ins))
             continue
-        ins = [red[a] for a in _lineage(node, info) if a in red]
+        lineage = _lineage(node, info)
+        ins = [red[a] for a in lineage if a in red]
         if not ins:
             continue
         r = (max(v[0] for v in ins), max(v[1] for v in ins))
         if node in ops:
             f = ops[node].factor
             r = (r[0] * f[0], r[1] * f[1])
-        elif not _is_pad(gm, node):
+        elif len(lineage) == 1 and not _is_pad(gm, node):  # one map in: broadcasting (SE's x * s) is not it
             up = _upsampling(info[node])
             if up is not None:
                 r = (r[0] * up[0], r[1] * up[1])
@@ -355,11 +356,12 @@ def _group(gm: fx.GraphModule, info: dict[fx.Node, NodeInfo], ops: dict[fx.Node,
     return list(groups.values())
 
 
-def _is_cut(nodes: list[fx.Node], blocked: set[fx.Node]) -> bool:
-    """Whether every path from the input to the output passes through ``blocked``."""
+def _is_cut(nodes: list[fx.Node], blocked: set[fx.Node], info: dict[fx.Node, NodeInfo]) -> bool:
+    """Whether every path of tensors from the input to the output passes through ``blocked`` (sizes read from the
+    input, e.g. ``x.shape[0]`` for a reshape, are not paths)."""
     reached: set[fx.Node] = set()
     for n in nodes:
-        if n in blocked:
+        if n in blocked or (n.op != "output" and not _carries(info, n)):
             continue
         if n.op == "placeholder" or any(a in reached for a in n.all_input_nodes):
             reached.add(n)
@@ -461,7 +463,7 @@ def discover(model: nn.Module, input_size: Sequence[int] = (3, 224, 224),
         out_size = _spatial(info[first].shape, members[0].dims)
         reduction = whole(red[first])
         sites.append(Site(name, op_names, members[0].factor, levels.index(reduction) + 1, in_size, out_size, index,
-                          reduction, _is_cut(nodes, set(group))))
+                          reduction, _is_cut(nodes, set(group), info)))
         for n, op in zip(group, members):
             ops[n] = (op, index)
     # The example's tensors are no longer needed; keep shapes only.

@@ -128,4 +128,45 @@ def test_crossvit_default_search_is_refused_clearly() -> None:
     assert not any(s.main_path for s in net.sites)
     check(net, model, torch.randn(1, 3, 240, 240))
     with pytest.raises(ModelError, match="no subsampling site of CrossVit lies on its main path"):
-        PhaseSearch(net)
+        PhaseSearch(net, aggregate_on="logits")
+
+
+@pytest.mark.parametrize("cls", ["StdConv2dSame", "ScaledStdConv2dSame"])
+def test_weight_standardised_same_conv_is_an_op_kind(cls: str) -> None:
+    """timm's untraceable weight-standardised "SAME" convs (ViT hybrids' stems) run at every phase exactly."""
+    from timm.layers import std_conv
+
+    from tests.reference import reference_forward
+
+    torch.manual_seed(0)
+    model = nn.Sequential(getattr(std_conv, cls)(3, 4, 3, stride=2), nn.ReLU(), nn.Conv2d(4, 2, 3)).eval()
+    net = PhaseNet(model, (3, 15, 15))
+    assert [(s.name, s.factor) for s in net.sites] == [("0", (2, 2))]
+    assert net.discovery.ops[next(iter(net.discovery.ops))][0].kind == "std_conv_same"
+    x = torch.randn(2, 3, 15, 15)
+    with torch.no_grad():
+        assert torch.equal(net(x), model(x))
+        for phase in [(0, 1), (1, 0), (1, 1)]:
+            torch.testing.assert_close(net(x, phases={"0": phase}), reference_forward(net, x, {0: phase}),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_padding_is_not_upsampling() -> None:
+    """A reflect pad before a strided blur grows the map by 2: the reduction must not drop (sites still group)."""
+    import torch.nn.functional as F
+
+    class Blur(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), torch.ones(3, 1, 3, 3, device=x.device) / 9,
+                            stride=2, groups=3)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blur = Blur()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.blur(x) + x[:, :, ::2, ::2]
+
+    net = PhaseNet(Block().eval(), (3, 16, 16))
+    assert len(net.sites) == 1 and net.sites[0].reduction == (2, 2) and net.sites[0].main_path

@@ -28,10 +28,15 @@ FAST = {
 
 # Families whose smallest model fails one check with random weights, and why (reported in the README's table).
 KNOWN = {
-    "byobnet": "repvgg_b0 with random weights: a phase at a middle site does not change the (saturated) output",
-    "starnet": "starnet_s1: star (elementwise product) blocks blow random activations up to ~1e9; the reference "
-               "executor then differs by float rounding",
+    "byobnet": "repvgg_b0 with random weights: a phase at a middle site does not change the output (its random "
+               "output barely depends on the input)",
+    "tresnet": "tresnet_l with random weights: a phase at a middle site does not change the output",
+    "naflexvit": "NaFlexViT embeds patches with a linear layer on a reshaped input: no strided op to find",
+    "starnet": "open: starnet_s1 blows random activations up to ~1e9; the phase differs from the reference by 1e-8 of "
+               "the output even in float64",
 }
+# Too large for CPU test budgets (over 150 s for one model on 2 cores); not checked.
+LARGE = {"deepseek_vit", "mobilenetv5"}
 
 
 @pytest.mark.parametrize("family", list(FAST))
@@ -45,6 +50,8 @@ def test_representative_family(family: str) -> None:
 @pytest.mark.parametrize("family", families())
 def test_every_family(family: str) -> None:
     """Each family works, or is refused with a clear polyglean error (never another exception)."""
+    if family in LARGE:
+        pytest.skip(f"the smallest {family} model is too large for a CPU test")
     result = None
     for name in candidates(family):
         result = check_model(family, name)
