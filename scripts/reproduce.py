@@ -190,7 +190,8 @@ AGG_EPOCHS = 3  # chosen on the validation part: a 10-epoch run peaked there at 
 
 def _train_argv(ctx: Context) -> list[str]:
     train, val = ("0:1600", "1600:2000") if ctx.limit is None else (f"0:{ctx.limit}", f"1600:{1600 + ctx.limit}")
-    return ["-m", "polyglean", "train-aggregator", "--model", "cifar10-resnet20", "--data", str(ctx.data / "cifar10/test"),
+    return ["-m", "polyglean", "train-aggregator", "--model", "cifar10-resnet20",
+            "--data", str(ctx.data / "cifar10/test"),
             "--subset", train, "--val-data", str(ctx.data / "cifar10/test"), "--val-subset", val, "--budget", "30",
             "--epochs", str(AGG_EPOCHS if ctx.limit is None else 1), "--lr", "1e-3", "--batch-size", "64",
             "--cache", str(ctx.work / "agg-cache"), "--out", str(ctx.work / "r20-agg.pt"),
@@ -558,7 +559,8 @@ def figure_for(model: str, title: str) -> Callable[[Context, dict[str, Any], Pat
                         fmt=style, ms=3.5, lw=1, capsize=2, label=label, color=plt.cm.tab20(i % 20))
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if v in (2, 3, 5, 20, 30) else ""))
+        ax.xaxis.set_minor_formatter(
+            matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if v in (2, 3, 5, 20, 30) else ""))
         ax.axhline(series[0][1][0][1], color="grey", lw=0.8, ls="--", label="plain model")
         ax.set_xlabel("cost (forward-pass equivalents, FLOPs; log scale)")
         ax.set_ylabel("top-1 (%)")
@@ -616,7 +618,8 @@ def _render_lite0(ctx: Context, extra: dict[str, Any]) -> str:
         ctx, extra)
     if _rows(p, aggregate="learned"):
         text += "\n" + "\n".join(_phase_table(p, [1, 4, 10, 15], [("learned", True)]).splitlines()[2:])
-        text += "\n\n`learned`: the shipped Lite0 aggregator (trained on positions 0-649, lr 1e-4, chosen on held-out images)."
+        text += ("\n\n`learned`: the shipped Lite0 aggregator (trained on positions 0-649, lr 1e-4, chosen on "
+                 "held-out images).")
     return text
 
 
