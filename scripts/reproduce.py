@@ -185,12 +185,13 @@ for variant in (0, 1, 2):
              "--align-both", "--batch-size", "16")
 
 # The learned aggregator of ResNet-20, trained on the fit part of lossless CIFAR-10.
-AGG_EPOCHS = 10
+AGG_EPOCHS = 3  # chosen on the validation part: a 10-epoch run peaked there at epoch 3, then overfitted
 
 
 def _train_argv(ctx: Context) -> list[str]:
     train, val = ("0:1600", "1600:2000") if ctx.limit is None else (f"0:{ctx.limit}", f"1600:{1600 + ctx.limit}")
-    return ["-m", "polyglean", "train-aggregator", "--model", "cifar10-resnet20", "--data", str(ctx.data / "cifar10/test"),
+    return ["-m", "polyglean", "train-aggregator", "--model", "cifar10-resnet20",
+            "--data", str(ctx.data / "cifar10/test"),
             "--subset", train, "--val-data", str(ctx.data / "cifar10/test"), "--val-subset", val, "--budget", "30",
             "--epochs", str(AGG_EPOCHS if ctx.limit is None else 1), "--lr", "1e-3", "--batch-size", "64",
             "--cache", str(ctx.work / "agg-cache"), "--out", str(ctx.work / "r20-agg.pt"),
@@ -332,7 +333,7 @@ def _images(payload: dict[str, Any]) -> int:
     return int(payload["results"][0]["n_images"])
 
 
-PHASE_VARIANTS = [("mean", True), ("mean", False), ("entropy", True), ("entropy", False)]
+PHASE_VARIANTS = [("mean", True), ("mean", False), ("entropy", True), ("entropy", False), ("learned", True)]
 
 
 def render_phase(run: str, what: str) -> Callable[[Context, dict[str, Any]], str]:
@@ -558,7 +559,8 @@ def figure_for(model: str, title: str) -> Callable[[Context, dict[str, Any], Pat
                         fmt=style, ms=3.5, lw=1, capsize=2, label=label, color=plt.cm.tab20(i % 20))
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if v in (2, 3, 5, 20, 30) else ""))
+        ax.xaxis.set_minor_formatter(
+            matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if v in (2, 3, 5, 20, 30) else ""))
         ax.axhline(series[0][1][0][1], color="grey", lw=0.8, ls="--", label="plain model")
         ax.set_xlabel("cost (forward-pass equivalents, FLOPs; log scale)")
         ax.set_ylabel("top-1 (%)")
@@ -610,14 +612,10 @@ for variant, cost in ((0, "~30 min CPU"), (1, "~45 min CPU"), (2, "~60 min CPU")
 
 # Lite0's table also carries the shipped learned aggregator.
 def _render_lite0(ctx: Context, extra: dict[str, Any]) -> str:
-    p = load(ctx, "imagenet-lite0")
-    assert p is not None
     text = render_phase("imagenet-lite0", f"EfficientNet-Lite0 (`imagenet-efficientnet-lite0`), {LITE_SPLIT}")(
         ctx, extra)
-    if _rows(p, aggregate="learned"):
-        text += "\n" + "\n".join(_phase_table(p, [1, 4, 10, 15], [("learned", True)]).splitlines()[2:])
-        text += "\n\n`learned`: the shipped Lite0 aggregator (trained on positions 0-649, lr 1e-4, chosen on held-out images)."
-    return text
+    return text + ("\n\n`learned`: the shipped Lite0 aggregator (trained on positions 0-649, lr 1e-4, chosen on "
+                   "held-out images).")
 
 
 EXPERIMENTS["imagenet-lite0"].render = _render_lite0
@@ -776,7 +774,14 @@ def main(argv: list[str] | None = None) -> int:
                         break
             if failed and not args.keep_going:
                 break
-    written = [n for n in names if render_experiment(ctx, EXPERIMENTS[n]) is not None]
+    written = []
+    for n in names:
+        try:
+            if render_experiment(ctx, EXPERIMENTS[n]) is not None:
+                written.append(n)
+        except Exception as err:  # noqa: BLE001 - one table that cannot be written must not lose the others
+            log(f"FAILED to write the table of {n}: {type(err).__name__}: {err}")
+            failed.append(n)
     log(f"wrote {', '.join(f'{n}.md' for n in written) or 'no table'} in {ctx.out}")
     if written and args.limit is None and not args.no_readme and Path(args.readme).is_file():
         replaced = update_readme(Path(args.readme), ctx, written)
