@@ -47,6 +47,7 @@ def test_representative_family(family: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.sweep
 @pytest.mark.parametrize("family", families())
 def test_every_family(family: str) -> None:
     """Each family works, or is refused with a clear polyglean error (never another exception)."""
