@@ -11,11 +11,12 @@ model spec and the downsample, so ``polyglean eval --model SPEC --downsample NAM
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 import torch
 
-from polyglean.cli._common import add_model_arguments
+from polyglean.cli._common import add_model_arguments, add_runtime_arguments, runtime
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -45,6 +46,7 @@ def add_parser(sub: Any, name: str) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint at --out (same settings)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_arguments(p)
 
 
 def settings(args: argparse.Namespace) -> Any:
@@ -98,9 +100,14 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ArgumentError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+        raise ArgumentError("train runs in one process: under torchrun every process would train and write the "
+                            "same --out; run it without torchrun (train-aggregator and eval do run under torchrun)")
+    rt = runtime(args)
     callbacks, close = _progress(args)
     try:
-        finetune(settings(args), args.out, resume=args.resume, overwrite=args.overwrite, callbacks=callbacks)
+        finetune(settings(args), args.out, resume=args.resume, overwrite=args.overwrite, callbacks=callbacks,
+                 runtime=rt)
     finally:
         close()
     return 0

@@ -38,6 +38,7 @@ from polyglean.models import CheckpointError, Preprocess, load_model, load_state
 from polyglean.models.checkpoint import CheckpointNotFoundError
 from polyglean.models.loader import build_architecture
 from polyglean.registry import Registry
+from polyglean.runtime import Runtime
 from polyglean.training.runs import claim_output, refuse_changed_settings
 
 __all__ = [
@@ -189,6 +190,13 @@ class BatchStats:
     accuracy: float
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter or buffer (the CPU for a model without either)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def train_epoch(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *,
                 on_batch: Callable[[BatchStats], None] | None = None) -> dict[str, float]:
@@ -198,8 +206,10 @@ def train_epoch(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], optim
         ``{"loss": mean loss, "top1": accuracy in percent, "images": n}`` over the epoch.
     """
     model.train()
+    device = _device_of(model)
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in loader:
+        x, y = x.to(device), y.to(device)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
@@ -220,8 +230,10 @@ def train_epoch(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], optim
 def evaluate_loss(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
     """Mean cross-entropy and top-1 (percent) of ``model`` in eval mode over ``loader``."""
     model.eval()
+    device = _device_of(model)
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in loader:
+        x, y = x.to(device), y.to(device)
         logits = model(x)
         total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(-1) == y).sum())
@@ -348,23 +360,41 @@ def epoch_loader(settings: FinetuneSettings, train_set: Dataset[Any], epoch: int
                        workers=settings.workers)
 
 
+def _on_cpu(value: Any) -> Any:
+    """``value`` (nested dicts, lists, tuples of tensors and plain values) with every tensor copied to the CPU."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
+
+
 def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-             callbacks: FinetuneCallbacks | None = None) -> list[dict[str, Any]]:
+             callbacks: FinetuneCallbacks | None = None, runtime: Runtime | None = None) -> list[dict[str, Any]]:
     """Fine-tunes ``settings.model`` and writes a checkpoint atomically to ``out`` after every epoch.
 
     Steps: check the settings and the output (an existing ``out`` needs ``resume`` or ``overwrite``); the starting
     model; the data; the optimiser and the cosine schedule over all steps (restored when resuming); then epochs.
 
+    ``runtime`` is the device (default: the CPU); training is ``fp32`` only. The checkpoint holds CPU tensors
+    whatever the device, so a run can be resumed on another device.
+
     Returns:
         The history: one record per epoch trained so far (including resumed ones).
 
     Raises:
-        ArgumentError: bad settings, or ``out`` exists without ``resume``/``overwrite``.
+        ArgumentError: bad settings, a precision other than ``fp32``, or ``out`` exists without
+            ``resume``/``overwrite``.
         CheckpointError: resuming a checkpoint of other settings.
         DataError: unreadable data or labels out of the model's range.
     """
     cb = callbacks or FinetuneCallbacks()
+    rt = runtime if runtime is not None else Runtime()
     settings.check()
+    if rt.precision != "fp32":
+        raise ArgumentError(f"precision {rt.precision!r}: train fine-tunes in fp32 only; use --precision fp32")
     claim_output(out, resume=resume, overwrite=overwrite)
     resumed = resumable_checkpoint(out, settings) if resume else None
     if resumed is not None and int(resumed["epoch"]) >= settings.epochs:
@@ -372,6 +402,7 @@ def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = Fals
             cb.on_note(f"{out} has already trained {resumed['epoch']} of {settings.epochs} epochs; nothing to do")
         return list(resumed["history"])
     model, preprocess = starting_model(settings, out if resumed is not None else None)
+    model = model.to(rt.device)
     train_set, val_loader = training_data(settings, preprocess, num_classes(model, preprocess.input_size))
     steps_per_epoch = -(-len(train_set) // settings.batch_size)  # type: ignore[arg-type]
     optimizer = make_optimizer(settings.optimizer, model.parameters(), lr=settings.lr,
@@ -400,8 +431,8 @@ def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = Fals
         history.append(record)
         save_checkpoint(out, {
             "model": settings.model, "downsample": settings.downsample, "config": settings.config(),
-            "epoch": epoch + 1, "total_epochs": settings.epochs, "state_dict": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
+            "epoch": epoch + 1, "total_epochs": settings.epochs, "state_dict": _on_cpu(model.state_dict()),
+            "optimizer": _on_cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(), "history": history,
         })
         if cb.on_epoch_end:
             cb.on_epoch_end(record)

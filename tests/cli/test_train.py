@@ -94,11 +94,21 @@ def test_train_resume_and_eval(shared_data: Path, tiny: Path, tmp_path: Path, mo
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
     (["--epochs", "1", "--lr", "-1"], "--lr must be > 0, got -1.0"),
     (["--epochs", "1", "--limit", "0"], "--limit must be >= 1, got 0"),
+    (["--epochs", "1", "--device", "cpu", "--precision", "bf16"], "fine-tunes in fp32 only"),
+    (["--epochs", "1", "--device", "nonsense"], "unknown device 'nonsense'"),
 ])
 def test_bad_arguments(tiny: Path, tmp_path: Path, argv: list[str], message: str,
                        capsys: pytest.CaptureFixture[str]) -> None:
     assert _train(tiny, tmp_path / "x.pt", *argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_torchrun_is_refused_not_run_twice(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _train(tiny, tmp_path / "x.pt", "--epochs", "1") == 2
+    assert "train runs in one process" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_unknown_downsample_is_an_argparse_error(tmp_path: Path) -> None:
