@@ -11,7 +11,6 @@ model spec and the downsample, so ``polyglean eval --model SPEC --downsample NAM
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 import torch
@@ -47,6 +46,9 @@ def add_parser(sub: Any, name: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_runtime_arguments(p)
+    p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun (DistributedDataParallel, each global batch split between the processes): "
+                        "how long a process waits for the others (default 1800)")
 
 
 def settings(args: argparse.Namespace) -> Any:
@@ -100,14 +102,15 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ArgumentError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
-        raise ArgumentError("train runs in one process: under torchrun every process would train and write the "
-                            "same --out; run it without torchrun (train-aggregator and eval do run under torchrun)")
+    from polyglean.distributed import init_distributed, shutdown_distributed
+
     rt = runtime(args)
+    ctx = init_distributed(rt.device, timeout_s=args.dist_timeout)
     callbacks, close = _progress(args)
     try:
         finetune(settings(args), args.out, resume=args.resume, overwrite=args.overwrite, callbacks=callbacks,
-                 runtime=rt)
+                 runtime=rt, dist=ctx)
     finally:
         close()
+        shutdown_distributed(ctx)
     return 0

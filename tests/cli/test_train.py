@@ -103,14 +103,6 @@ def test_bad_arguments(tiny: Path, tmp_path: Path, argv: list[str], message: str
     assert message in capsys.readouterr().err
 
 
-def test_torchrun_is_refused_not_run_twice(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert _train(tiny, tmp_path / "x.pt", "--epochs", "1") == 2
-    assert "train runs in one process" in capsys.readouterr().err
-    assert not (tmp_path / "x.pt").exists()
-
-
 def test_unknown_downsample_is_an_argparse_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["train", "--model", "cifar10-resnet20", "--downsample", "maxblur", "--data", str(tmp_path),
