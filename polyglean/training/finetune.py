@@ -1,4 +1,4 @@
-"""Fine-tuning a model with its subsampling layers swapped (BlurPool, SoftPool, adaPool, PASA, APS) on CPU.
+"""Fine-tuning a model with its subsampling layers swapped (BlurPool, SoftPool, adaPool, PASA, APS).
 
 :func:`finetune` is ``polyglean train``: a whole run in named steps (:func:`resumable_checkpoint`,
 :func:`starting_model`, :func:`training_data`, :func:`epoch_loader`, :func:`train_epoch`), driven by
@@ -536,6 +536,12 @@ def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = Fals
         model = model.to(device)
         if ctx.distributed:  # before the optimiser takes the parameters
             model = _global_batchnorm(model)
+            other = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                     and not isinstance(m, _GlobalBatchNorm2d)]
+            if other:
+                raise ArgumentError(f"{settings.model}: its batch-norm layers {other[:3]} are not BatchNorm2d, so "
+                                    "under torchrun they would normalise with each process's share of the batch; "
+                                    "fine-tune it in one process")
         train_set, val_loader = training_data(settings, preprocess, num_classes(model, preprocess.input_size))
     steps_per_epoch = -(-len(train_set) // settings.batch_size)  # type: ignore[arg-type]
     optimizer = make_optimizer(settings.optimizer, model.parameters(), lr=settings.lr,

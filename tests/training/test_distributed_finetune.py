@@ -39,7 +39,6 @@ def test_two_processes_fine_tune_what_one_does(shared_data: Path, tmp_path: Path
     one = finetune(_settings(data), tmp_path / "one.pt")
     records = spawn(_rank, 2, tmp_path / "ranks", str(data), str(tmp_path / "two.pt"))
     assert all(r["ok"] for r in records), records
-    assert not (tmp_path / "two.pt.tmp").exists()
     for record in records:  # every rank returns the history rank 0 wrote
         for a, b in zip(one, record["value"], strict=True):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
