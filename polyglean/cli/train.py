@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from polyglean.cli._common import add_model_arguments
+from polyglean.cli._common import add_model_arguments, add_runtime_arguments, runtime
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -45,6 +45,10 @@ def add_parser(sub: Any, name: str) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint at --out (same settings)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_arguments(p)
+    p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun (DistributedDataParallel, each global batch split between the processes): "
+                        "how long a process waits for the others (default 1800)")
 
 
 def settings(args: argparse.Namespace) -> Any:
@@ -98,9 +102,15 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ArgumentError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    from polyglean.distributed import init_distributed, shutdown_distributed
+
+    rt = runtime(args)
+    ctx = init_distributed(rt.device, timeout_s=args.dist_timeout)
     callbacks, close = _progress(args)
     try:
-        finetune(settings(args), args.out, resume=args.resume, overwrite=args.overwrite, callbacks=callbacks)
+        finetune(settings(args), args.out, resume=args.resume, overwrite=args.overwrite, callbacks=callbacks,
+                 runtime=rt, dist=ctx)
     finally:
         close()
+        shutdown_distributed(ctx)
     return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from polyglean.cli._common import add_model_arguments
+from polyglean.cli._common import add_model_arguments, add_runtime_arguments, runtime
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -19,7 +19,9 @@ def add_parser(sub: Any, name: str) -> None:
         "trains), cache their final feature maps, then train the attention aggregator on the frozen model with "
         "AdamW and a cosine schedule. Each batch aggregates a random number of candidates, so the module serves "
         "every budget. A checkpoint is written atomically after every epoch; --resume continues one (with the same "
-        "settings only), and an existing checkpoint is never replaced without --overwrite.",
+        "settings only), and an existing checkpoint is never replaced without --overwrite. Under torchrun the "
+        "candidates are searched in shards by all processes and the module is trained with DistributedDataParallel "
+        "(each global batch split between the processes); rank 0 reports and writes.",
     )
     add_model_arguments(p)
     p.add_argument("--data", required=True, help="training images: class folders, or images/ + labels.csv")
@@ -49,6 +51,10 @@ def add_parser(sub: Any, name: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     p.add_argument("--export", help="also write a slim copy (weights and metadata only) here when done")
     p.add_argument("--no-progress", action="store_true")
+    add_runtime_arguments(p)
+    p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: how long a process waits for the others before taking them as dead "
+                        "(default 1800)")
 
 
 def settings(args: argparse.Namespace) -> Any:
@@ -103,12 +109,16 @@ def _progress(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from polyglean.distributed import init_distributed, shutdown_distributed
     from polyglean.training.aggregator import train_aggregator
 
+    rt = runtime(args)
+    ctx = init_distributed(rt.device, timeout_s=args.dist_timeout)
     callbacks, close = _progress(args)
     try:
         train_aggregator(settings(args), args.out, cache=args.cache, resume=args.resume, overwrite=args.overwrite,
-                         export=args.export, callbacks=callbacks)
+                         export=args.export, callbacks=callbacks, runtime=rt, dist=ctx)
     finally:
         close()
+        shutdown_distributed(ctx)
     return 0

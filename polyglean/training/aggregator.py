@@ -10,6 +10,14 @@ one module learns to aggregate any number of candidates.
 :func:`train_epoch`), driven by :class:`AggregatorSettings` and reporting through :class:`AggregatorCallbacks`. The
 module's initialisation depends on the seed alone, so a cold and a warm candidate cache give the same module, and a
 resumed run gives what a run straight through gives.
+
+Under ``torchrun`` (a :class:`~polyglean.distributed.DistContext` of several processes) the same function runs on
+every rank: the candidates are searched in shards (the global search batches dealt to the ranks, the search being
+seeded per batch, so the set is the one a single process finds) and shared; the module is trained with
+:class:`~torch.nn.parallel.DistributedDataParallel`, each global batch split between the ranks
+(:func:`train_epoch`), so the weights are a single process's with the same batch size and seed, to float rounding;
+rank 0 alone reads and writes the checkpoint and the cache, validates and reports. A rank that fails stops the
+others (:func:`polyglean.distributed.together`).
 """
 
 from __future__ import annotations
@@ -37,11 +45,13 @@ from polyglean.aggregate.learned import (
     save_aggregator,
 )
 from polyglean.data import dataset_fingerprint, make_loader, open_dataset
+from polyglean.distributed import DistContext, broadcast_object, global_batches, run_sharded, together
 from polyglean.errors import ArgumentError, CheckpointError
 from polyglean.io import check_writable, load_torch, write_torch
 from polyglean.models import Preprocess, load_model, num_classes
 from polyglean.phase.net import PhaseNet
 from polyglean.provenance import machine
+from polyglean.runtime import Runtime
 from polyglean.search import PhaseSearch
 from polyglean.training.runs import claim_output, refuse_changed_settings
 
@@ -132,19 +142,52 @@ def collect_candidates(search: PhaseSearch, batches: Iterable[tuple[Tensor, Tens
     """
     if search.aggregate_on != "features":
         raise ArgumentError("collecting candidates needs a search that aggregates feature maps")
+    device = _device_of(search.net.model)
     feats: list[Tensor] = []
     shifts: list[Tensor] = []
     labels: list[Tensor] = []
     for x, y in batches:
-        result = search.run(x)
-        feats.append(result.features.to(torch.float16))
-        shifts.append(result.shift.clone())
-        labels.append(y.clone())
+        result = search.run(x.to(device))
+        feats.append(result.features.to(torch.float16).cpu())  # the cache lives in host memory
+        shifts.append(result.shift.cpu())
+        labels.append(y.cpu().clone())
         if on_batch is not None:
             on_batch(len(y))
     if not labels:
         raise ArgumentError("no images to collect candidates from")
     return CandidateSet(torch.cat(feats), torch.cat(shifts), torch.cat(labels))
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter or buffer (the CPU for a module without either)."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _collect_sharded(search: PhaseSearch, dataset: Any, batch_size: int, workers: int, ctx: DistContext,
+                     on_batch: Callable[[int], None] | None) -> CandidateSet:
+    """:func:`collect_candidates` across the ranks: the global batches of ``batch_size`` consecutive images are
+    dealt to the ranks, searched, gathered on rank 0 in order, and the whole set is sent to every rank."""
+
+    def compute(batches: list[list[int]]) -> Any:
+        for x, y in make_loader(dataset, batch_size=batch_size, workers=workers, batch_sampler=batches):
+            part = collect_candidates(search, [(x, y)])
+            yield {"features": part.features, "shift": part.shift, "labels": part.labels}
+
+    shown = [0]
+
+    def progress(done: int, total: int) -> None:
+        if on_batch is not None and done > shown[0]:
+            on_batch(done - shown[0])
+        shown[0] = done
+
+    parts = run_sharded(global_batches(len(dataset), batch_size), compute, ctx=ctx, on_progress=progress)
+    merged = None
+    if parts is not None:  # rank 0
+        merged = CandidateSet(torch.cat([p["features"] for p in parts]), torch.cat([p["shift"] for p in parts]),
+                              torch.cat([p["labels"] for p in parts]))
+    return broadcast_object(ctx, merged)
 
 
 def train_epoch(module: AttentionAggregator, head: Callable[[Tensor], Tensor], data: CandidateSet,
@@ -343,11 +386,13 @@ def resumable_aggregator(path: str | Path, settings: AggregatorSettings, found: 
     return payload
 
 
-def frozen_search(settings: AggregatorSettings, on_note: Callable[[str], None] | None = None) -> _Search:
-    """The frozen model and the random-criterion search whose candidates the module learns to aggregate; the
-    budget is capped at the number of states of the search space."""
+def frozen_search(settings: AggregatorSettings, on_note: Callable[[str], None] | None = None,
+                  device: torch.device | str = "cpu") -> _Search:
+    """The frozen model (on ``device``) and the random-criterion search whose candidates the module learns to
+    aggregate; the budget is capped at the number of states of the search space."""
     model, preprocess = load_model(settings.model, settings.weights, pretrained=settings.pretrained,
                                    random_weights=settings.random_weights)
+    model = model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     net = PhaseNet(model, input_size=preprocess.input_size)
@@ -370,12 +415,17 @@ def cached_candidates(found: _Search, root: str, subset: str | None, cache: str 
                       seed: int, batch_size: int, workers: int,
                       on_batch: Callable[[int], None] | None = None,
                       on_collect: Callable[[str, int], Callable[[int], None] | None] | None = None,
-                      what: str = "training") -> CandidateSet:
+                      what: str = "training", dist: DistContext | None = None) -> CandidateSet:
     """The candidates of one image set: read from ``cache`` when its key matches, else searched (and written).
 
     The key holds the model's fingerprint, the search set-up and the data set's fingerprint (every file's real
     path, size and modification time, and label), so replaced images or weights are never served stale.
+
+    With ``dist`` of several processes the search runs in shards and every rank gets the whole set; rank 0 alone
+    reads and writes ``cache`` (and reports through ``on_collect``/``on_batch``), and sends a cached set to the
+    others.
     """
+    ctx = dist if dist is not None else DistContext()
     dataset = open_dataset(root, found.preprocess, subset=subset, num_classes=found.classes)
     key = {"model": found.meta["model"], "model_sha256": found.meta["model_sha256"],
            "search_space": found.meta["search_space"], "budget": found.budget, "seed": seed, "criterion": "random",
@@ -384,27 +434,38 @@ def cached_candidates(found: _Search, root: str, subset: str | None, cache: str 
     if cache is not None:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         path = Path(cache) / f"candidates-{digest}.pt"
-        if path.is_file():
+    hit: CandidateSet | None = None
+    with together(ctx):  # an unreadable cache on rank 0 stops every rank
+        if path is not None and ctx.is_main and path.is_file():
             cached = CandidateSet.load(path)
             if cached.meta == key:
-                return cached
+                hit = cached
+    if broadcast_object(ctx, hit is not None):
+        return broadcast_object(ctx, hit)
+    if not ctx.is_main:
+        on_batch, on_collect = None, None
     if on_collect is not None:
         on_batch = on_collect(what, len(dataset)) or on_batch  # type: ignore[arg-type]
-    loader = make_loader(dataset, batch_size=batch_size, workers=workers)
-    data = collect_candidates(found.search, loader, on_batch=on_batch)
+    if ctx.distributed:
+        data = _collect_sharded(found.search, dataset, batch_size, workers, ctx, on_batch)
+    else:
+        loader = make_loader(dataset, batch_size=batch_size, workers=workers)
+        data = collect_candidates(found.search, loader, on_batch=on_batch)
     data.meta = key
-    if path is not None:
-        data.save(path)
+    with together(ctx):
+        if path is not None and ctx.is_main:
+            data.save(path)
     return data
 
 
 def candidate_sets(settings: AggregatorSettings, found: _Search, cache: str | Path | None,
-                   on_collect: Callable[[str, int], Callable[[int], None] | None] | None = None
-                   ) -> tuple[CandidateSet, CandidateSet | None]:
+                   on_collect: Callable[[str, int], Callable[[int], None] | None] | None = None,
+                   dist: DistContext | None = None) -> tuple[CandidateSet, CandidateSet | None]:
     """The training and validation candidates (validation: ``val_data``, or the last ``holdout`` training images),
-    aligned onto the default grid when ``settings.align``."""
+    aligned onto the default grid when ``settings.align`` (``dist``: searched in shards, see
+    :func:`cached_candidates`)."""
     common = {"seed": settings.seed, "batch_size": settings.search_batch_size, "workers": settings.workers,
-              "on_collect": on_collect}
+              "on_collect": on_collect, "dist": dist}
     train = cached_candidates(found, settings.data, settings.subset, cache, what="training", **common)
     val = None
     if settings.val_data:
@@ -434,38 +495,67 @@ def new_module(settings: AggregatorSettings, found: _Search, train: CandidateSet
 
 def train_aggregator(settings: AggregatorSettings, out: str | Path, *, cache: str | Path | None = None,
                      resume: bool = False, overwrite: bool = False, export: str | Path | None = None,
-                     callbacks: AggregatorCallbacks | None = None) -> AttentionAggregator:
+                     callbacks: AggregatorCallbacks | None = None, runtime: Runtime | None = None,
+                     dist: DistContext | None = None) -> AttentionAggregator:
     """Trains the learned aggregator of a frozen model; writes a checkpoint atomically to ``out`` after every epoch.
 
     Steps: check the settings and the outputs (an existing ``out`` needs ``resume`` or ``overwrite``); the frozen
     model and search; the checkpoint to resume (same settings only; its metadata is kept as recorded); the
     candidates (cached); the module, optimiser and schedule; then epochs; finally the slim ``export``.
 
+    Args:
+        settings: What the run depends on.
+        out: The checkpoint.
+        cache: Folder of cached candidates.
+        resume: Continue the checkpoint at ``out``.
+        overwrite: Replace an existing checkpoint at ``out``.
+        export: Also write a slim copy here when done.
+        callbacks: Progress (called on rank 0 only).
+        runtime: Device and precision (default: the CPU, ``fp32``; training is ``fp32`` only). Under ``torchrun``
+            a ``cuda`` device without an index becomes each rank's own GPU.
+        dist: This process among several (:func:`polyglean.distributed.init_distributed`); every rank calls this
+            function with the same arguments. Default: a single process.
+
     Returns:
-        The trained module (eval mode).
+        The trained module (eval mode), on every rank.
 
     Raises:
-        ArgumentError: bad settings, or ``out`` exists without ``resume``/``overwrite``.
+        ArgumentError: bad settings, a precision other than ``fp32``, or ``out`` exists without
+            ``resume``/``overwrite``.
         CheckpointError: resuming a checkpoint of another model or other settings.
         DataError: unreadable data or labels out of the model's range.
+        PeerFailed: another rank failed (it shows the error).
     """
-    cb = callbacks or AggregatorCallbacks()
-    settings.check()
-    claim_output(out, resume=resume, overwrite=overwrite, extra=export)
-    if cache is not None:
-        check_writable(Path(cache) / "candidates-probe.pt", "--cache")
-    found = frozen_search(settings, cb.on_note)
-    resumed = resumable_aggregator(out, settings, found) if resume else None
+    ctx = dist if dist is not None else DistContext()
+    rt = runtime if runtime is not None else Runtime()
+    cb = callbacks if callbacks is not None and ctx.is_main else AggregatorCallbacks()
+    settings.check()  # the same on every rank: every rank refuses the same way, without a collective
+    if rt.precision != "fp32":
+        raise ArgumentError(f"precision {rt.precision!r}: the aggregator is trained in fp32 only; use --precision "
+                            "fp32")
+    device = ctx.device_for(rt.device)
+    with together(ctx):  # rank 0 alone writes: it alone checks the outputs; any rank may fail to load the model
+        if ctx.is_main:
+            claim_output(out, resume=resume, overwrite=overwrite, extra=export)
+            if cache is not None:
+                check_writable(Path(cache) / "candidates-probe.pt", "--cache")
+        found = frozen_search(settings, cb.on_note, device)
+    resumed = None
+    if resume:
+        with together(ctx):
+            resumed = resumable_aggregator(out, settings, found) if ctx.is_main else None
+        resumed = broadcast_object(ctx, resumed)
     if resumed is not None and int(resumed["epoch"]) + 1 >= settings.epochs:
         if cb.on_note is not None:
             cb.on_note(f"{out} has already trained {int(resumed['epoch']) + 1} of {settings.epochs} epochs; "
                        "nothing to do")
         done = module_from_checkpoint(resumed, str(out))
-        if export is not None:
-            save_aggregator(export, done, meta={**resumed["meta"], "history": resumed["history"]})
-        return done
-    train, val = candidate_sets(settings, found, cache, cb.on_collect)
-    module = new_module(settings, found, train)
+        with together(ctx):
+            if export is not None and ctx.is_main:
+                save_aggregator(export, done, meta={**resumed["meta"], "history": resumed["history"]})
+        return done.to(device).eval()
+    train, val = candidate_sets(settings, found, cache, cb.on_collect, dist=ctx)
+    module = new_module(settings, found, train).to(device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = -(-len(train) // settings.batch_size)
     scheduler = cosine_schedule(optimizer, settings.epochs * steps_per_epoch, warmup=min(100, steps_per_epoch))
@@ -479,10 +569,12 @@ def train_aggregator(settings: AggregatorSettings, out: str | Path, *, cache: st
         meta = resumed["meta"]  # as recorded when the run started: never rewritten
     else:
         history, start = [], 0
-        baseline = accuracy_by_budget(None, head, val, budgets) if val is not None else None
-        if baseline is not None and cb.on_note is not None:
-            cb.on_note("validation, plain average: "
-                       + "  ".join(f"B={b} {v['top1']:.2f}" for b, v in baseline.items()))
+        baseline = None
+        if val is not None and ctx.is_main:
+            baseline = accuracy_by_budget(None, head, val, budgets, device=device)
+            if cb.on_note is not None:
+                cb.on_note("validation, plain average: "
+                           + "  ".join(f"B={b} {v['top1']:.2f}" for b, v in baseline.items()))
         setup = {"train": {"data": settings.data, "subset": settings.subset, "images": len(train)},
                  "val": {"data": settings.val_data, "subset": settings.val_subset, "holdout": settings.holdout,
                          "images": len(val) if val else 0},
@@ -490,21 +582,29 @@ def train_aggregator(settings: AggregatorSettings, out: str | Path, *, cache: st
                  "lr": settings.lr, "weight_decay": settings.weight_decay, "seed": settings.seed,
                  "criterion": "random", "machine": machine()}
         meta = {**found.meta, "training": setup, "val_baseline": baseline}
+    trained: nn.Module = module
+    if ctx.distributed:  # the same initial weights on every rank (the same seed); DDP averages the gradients
+        trained = nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
     for epoch in range(start, settings.epochs):
         if cb.on_epoch_start is not None:
             cb.on_epoch_start(epoch + 1, settings.epochs, steps_per_epoch)
         tick = time.perf_counter()
-        loss = train_epoch(module, head, train, optimizer, scheduler, batch_size=settings.batch_size,
-                           generator=torch.Generator().manual_seed(settings.seed * 1000 + epoch), on_step=cb.on_step)
+        loss = train_epoch(trained, head, train, optimizer, scheduler,  # type: ignore[arg-type]
+                           batch_size=settings.batch_size,
+                           generator=torch.Generator().manual_seed(settings.seed * 1000 + epoch), on_step=cb.on_step,
+                           dist=ctx)
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss, "seconds": time.perf_counter() - tick}
-        if val is not None:
-            record["val"] = accuracy_by_budget(module, head, val, budgets)
         history.append(record)
-        save_aggregator(out, module, meta=meta, extra={"optimizer": optimizer.state_dict(),
-                                                       "scheduler": scheduler.state_dict(), "epoch": epoch,
-                                                       "history": history})
-        if cb.on_epoch_end is not None:
-            cb.on_epoch_end(record)
-    if export is not None:
-        save_aggregator(export, module, meta={**meta, "history": history})
+        with together(ctx):  # rank 0 validates and writes; a failure there stops every rank
+            if ctx.is_main:
+                if val is not None:
+                    record["val"] = accuracy_by_budget(module, head, val, budgets, device=device)
+                save_aggregator(out, module, meta=meta, extra={"optimizer": optimizer.state_dict(),
+                                                               "scheduler": scheduler.state_dict(), "epoch": epoch,
+                                                               "history": history})
+                if cb.on_epoch_end is not None:
+                    cb.on_epoch_end(record)
+    with together(ctx):
+        if export is not None and ctx.is_main:
+            save_aggregator(export, module, meta={**meta, "history": history})
     return module.eval()

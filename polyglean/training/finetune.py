@@ -1,4 +1,4 @@
-"""Fine-tuning a model with its subsampling layers swapped (BlurPool, SoftPool, adaPool, PASA, APS) on CPU.
+"""Fine-tuning a model with its subsampling layers swapped (BlurPool, SoftPool, adaPool, PASA, APS).
 
 :func:`finetune` is ``polyglean train``: a whole run in named steps (:func:`resumable_checkpoint`,
 :func:`starting_model`, :func:`training_data`, :func:`epoch_loader`, :func:`train_epoch`), driven by
@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from polyglean.data import CheckedLoader, make_loader, open_dataset
+from polyglean.distributed import DistContext, broadcast_object, together
 from polyglean.errors import ArgumentError
 from polyglean.io import load_torch, write_torch
 from polyglean.layers import swap
@@ -38,6 +39,7 @@ from polyglean.models import CheckpointError, Preprocess, load_model, load_state
 from polyglean.models.checkpoint import CheckpointNotFoundError
 from polyglean.models.loader import build_architecture
 from polyglean.registry import Registry
+from polyglean.runtime import Runtime
 from polyglean.training.runs import claim_output, refuse_changed_settings
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "FinetuneSettings",
     "build_model",
     "epoch_loader",
+    "epoch_order",
     "evaluate_loss",
     "finetune",
     "load_finetuned",
@@ -189,6 +192,13 @@ class BatchStats:
     accuracy: float
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter or buffer (the CPU for a model without either)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def train_epoch(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *,
                 on_batch: Callable[[BatchStats], None] | None = None) -> dict[str, float]:
@@ -198,8 +208,10 @@ def train_epoch(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], optim
         ``{"loss": mean loss, "top1": accuracy in percent, "images": n}`` over the epoch.
     """
     model.train()
+    device = _device_of(model)
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in loader:
+        x, y = x.to(device), y.to(device)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
@@ -220,8 +232,10 @@ def train_epoch(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], optim
 def evaluate_loss(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
     """Mean cross-entropy and top-1 (percent) of ``model`` in eval mode over ``loader``."""
     model.eval()
+    device = _device_of(model)
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in loader:
+        x, y = x.to(device), y.to(device)
         logits = model(x)
         total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(-1) == y).sum())
@@ -340,39 +354,195 @@ def training_data(settings: FinetuneSettings, preprocess: Preprocess, classes: i
     return train_set, val_loader
 
 
-def epoch_loader(settings: FinetuneSettings, train_set: Dataset[Any], epoch: int) -> CheckedLoader:
-    """The shuffled loader of one epoch; its order and augmentation draws are seeded by ``seed`` and ``epoch``."""
-    order = torch.Generator().manual_seed(settings.seed * 1000 + epoch)
-    torch.manual_seed(settings.seed * 1000 + epoch)  # augmentation draws
-    return make_loader(train_set, batch_size=settings.batch_size, shuffle=True, generator=order,
-                       workers=settings.workers)
+class _SeededDraws(Dataset):  # type: ignore[type-arg]
+    """``dataset`` whose item ``i`` draws its augmentation from a generator seeded by ``base`` and ``i`` alone, so
+    an image is augmented the same way whichever process or worker loads it, in whatever order."""
+
+    def __init__(self, dataset: Dataset[Any], base: int) -> None:
+        self.dataset, self.base = dataset, base
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.base * 1_000_003 + int(i))
+            return self.dataset[i]
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped set's attributes (e.g. its files, for error messages)
+        if name in ("dataset", "base"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def epoch_order(settings: FinetuneSettings, size: int, epoch: int) -> list[list[int]]:
+    """The global batches of one epoch: a random order seeded by ``seed`` and ``epoch``, cut into ``batch_size``
+    consecutive images (the last batch may be smaller)."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(settings.seed * 1000 + epoch)).tolist()
+    return [order[i:i + settings.batch_size] for i in range(0, size, settings.batch_size)]
+
+
+def epoch_loader(settings: FinetuneSettings, train_set: Dataset[Any], epoch: int,
+                 batches: Iterable[list[int]] | None = None) -> CheckedLoader:
+    """The shuffled loader of one epoch (:func:`epoch_order`, or ``batches``); each image's augmentation is seeded
+    by ``seed``, ``epoch`` and the image's index."""
+    if batches is None:
+        batches = epoch_order(settings, len(train_set), epoch)  # type: ignore[arg-type]
+    return make_loader(_SeededDraws(train_set, settings.seed * 1000 + epoch), batch_size=settings.batch_size,
+                       workers=settings.workers, batch_sampler=list(batches))
+
+
+class _GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, in training, normalises with the statistics of the global batch (all processes), through
+    a differentiable all-reduce: what :class:`torch.nn.SyncBatchNorm` does, on any backend and device (that one
+    needs a GPU). Same parameters and buffers as ``BatchNorm2d``, so checkpoints are unchanged."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or not self.track_running_stats:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        count = all_reduce(torch.tensor([float(x.shape[0] * x.shape[2] * x.shape[3])], device=x.device))
+        n = count.detach()
+        mean = all_reduce(x.sum((0, 2, 3))) / n
+        centred = x - mean[None, :, None, None]
+        var = all_reduce((centred * centred).sum((0, 2, 3))) / n
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp(min=1)), alpha=m)
+        y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y
+
+
+def _global_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with every ``BatchNorm2d`` replaced by :class:`_GlobalBatchNorm2d` (state kept)."""
+    if type(module) is nn.BatchNorm2d:
+        new = _GlobalBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                                 module.track_running_stats).to(module.weight.device if module.affine else "cpu")
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, _global_batchnorm(child))
+    return module
+
+
+def _train_epoch_sharded(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], batches: list[list[int]],
+                         mine: list[list[int]], input_size: tuple[int, ...], optimizer: torch.optim.Optimizer,
+                         scheduler: Any, ctx: DistContext, on_batch: Callable[[BatchStats], None] | None
+                         ) -> dict[str, float]:
+    """:func:`train_epoch` of one rank: ``mine[k]`` are its images of global batch ``batches[k]``; its loss is
+    their summed cross-entropy over the global batch size times the world size, so the gradient DDP averages is
+    the global batch's."""
+    import torch.distributed as torch_dist
+
+    model.train()
+    device = _device_of(model)
+    stream = iter(loader)
+    total_loss, correct, seen = 0.0, 0, 0
+    for idx, local in zip(batches, mine, strict=True):
+        if local:
+            x, y = next(stream)
+            x, y = x.to(device), y.to(device)
+        else:  # more processes than images in this batch: take part with none
+            x = torch.zeros(0, *input_size, device=device)
+            y = torch.zeros(0, dtype=torch.long, device=device)
+        logits = model(x)
+        summed = F.cross_entropy(logits, y, reduction="sum")
+        loss = summed * (ctx.world_size / len(idx))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        both = torch.stack([summed.detach(), (logits.detach().argmax(-1) == y).sum().to(summed.dtype)])
+        torch_dist.all_reduce(both)
+        batch_loss, right, n = float(both[0]), int(both[1]), len(idx)
+        total_loss, correct, seen = total_loss + batch_loss, correct + right, seen + n
+        if on_batch is not None:
+            on_batch(BatchStats(batch_loss / n, right, n, total_loss / seen, 100.0 * correct / seen))
+    if seen == 0:
+        raise ArgumentError("the training data loader yielded no batch")
+    return {"loss": total_loss / seen, "top1": 100.0 * correct / seen, "images": float(seen)}
+
+
+def _on_cpu(value: Any) -> Any:
+    """``value`` (nested dicts, lists, tuples of tensors and plain values) with every tensor copied to the CPU."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
 
 
 def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-             callbacks: FinetuneCallbacks | None = None) -> list[dict[str, Any]]:
+             callbacks: FinetuneCallbacks | None = None, runtime: Runtime | None = None,
+             dist: DistContext | None = None) -> list[dict[str, Any]]:
     """Fine-tunes ``settings.model`` and writes a checkpoint atomically to ``out`` after every epoch.
 
     Steps: check the settings and the output (an existing ``out`` needs ``resume`` or ``overwrite``); the starting
     model; the data; the optimiser and the cosine schedule over all steps (restored when resuming); then epochs.
 
+    ``runtime`` is the device (default: the CPU); training is ``fp32`` only. The checkpoint holds CPU tensors
+    whatever the device, so a run can be resumed on another device.
+
+    With ``dist`` of several processes (``torchrun``; every rank calls this with the same arguments) the model is
+    trained with :class:`~torch.nn.parallel.DistributedDataParallel`: each global batch of ``batch_size`` images is
+    split between the ranks (rank ``r`` loads every ``world``-th image of it), BatchNorm normalises with the global
+    batch's statistics, and each image's augmentation is seeded by its index, so the weights are those of one
+    process with the same ``batch_size`` and ``seed``, to float rounding. Rank 0 alone reads and writes ``out``,
+    validates and reports.
+
     Returns:
         The history: one record per epoch trained so far (including resumed ones).
 
     Raises:
-        ArgumentError: bad settings, or ``out`` exists without ``resume``/``overwrite``.
+        ArgumentError: bad settings, a precision other than ``fp32``, or ``out`` exists without
+            ``resume``/``overwrite``.
         CheckpointError: resuming a checkpoint of other settings.
         DataError: unreadable data or labels out of the model's range.
     """
-    cb = callbacks or FinetuneCallbacks()
+    ctx = dist if dist is not None else DistContext()
+    cb = callbacks if callbacks is not None and ctx.is_main else FinetuneCallbacks()
+    rt = runtime if runtime is not None else Runtime()
     settings.check()
-    claim_output(out, resume=resume, overwrite=overwrite)
-    resumed = resumable_checkpoint(out, settings) if resume else None
+    if rt.precision != "fp32":
+        raise ArgumentError(f"precision {rt.precision!r}: train fine-tunes in fp32 only; use --precision fp32")
+    device = ctx.device_for(rt.device)
+    resumed = None
+    with together(ctx):  # rank 0 alone writes: it alone checks the output and reads the checkpoint
+        if ctx.is_main:
+            claim_output(out, resume=resume, overwrite=overwrite)
+            resumed = resumable_checkpoint(out, settings) if resume else None
+    resumed = broadcast_object(ctx, resumed)
     if resumed is not None and int(resumed["epoch"]) >= settings.epochs:
         if cb.on_note:
             cb.on_note(f"{out} has already trained {resumed['epoch']} of {settings.epochs} epochs; nothing to do")
         return list(resumed["history"])
-    model, preprocess = starting_model(settings, out if resumed is not None else None)
-    train_set, val_loader = training_data(settings, preprocess, num_classes(model, preprocess.input_size))
+    with together(ctx):
+        if resumed is not None:  # every weight from the checkpoint rank 0 read, strictly
+            model, preprocess = build_architecture(settings.model)
+            model = _swapped(model, preprocess, settings.downsample,
+                             DOWNSAMPLES.get(settings.downsample) if settings.downsample is not None else None)
+            load_state_dict_strict(model, resumed["state_dict"], source=str(out))
+        else:
+            model, preprocess = starting_model(settings, None)
+        model = model.to(device)
+        if ctx.distributed:  # before the optimiser takes the parameters
+            model = _global_batchnorm(model)
+            other = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                     and not isinstance(m, _GlobalBatchNorm2d)]
+            if other:
+                raise ArgumentError(f"{settings.model}: its batch-norm layers {other[:3]} are not BatchNorm2d, so "
+                                    "under torchrun they would normalise with each process's share of the batch; "
+                                    "fine-tune it in one process")
+        train_set, val_loader = training_data(settings, preprocess, num_classes(model, preprocess.input_size))
     steps_per_epoch = -(-len(train_set) // settings.batch_size)  # type: ignore[arg-type]
     optimizer = make_optimizer(settings.optimizer, model.parameters(), lr=settings.lr,
                                weight_decay=settings.weight_decay)
@@ -382,6 +552,9 @@ def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = Fals
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         start, history = int(resumed["epoch"]), list(resumed["history"])
+    trained: nn.Module = model
+    if ctx.distributed:
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     report = cb.on_batch
 
     def on_batch(stats: BatchStats) -> None:
@@ -389,20 +562,30 @@ def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = Fals
             report(stats, optimizer.param_groups[0]["lr"])
 
     for epoch in range(start, settings.epochs):
-        loader = epoch_loader(settings, train_set, epoch)
         if cb.on_epoch_start:
             cb.on_epoch_start(epoch + 1, settings.epochs, len(train_set))  # type: ignore[arg-type]
         began = time.perf_counter()
-        record: dict[str, Any] = train_epoch(model, loader, optimizer, scheduler, on_batch=on_batch)
+        batches = epoch_order(settings, len(train_set), epoch)  # type: ignore[arg-type]
+        if ctx.distributed:
+            mine = [idx[ctx.rank::ctx.world_size] for idx in batches]
+            loader = epoch_loader(settings, train_set, epoch, [m for m in mine if m]) if any(mine) else []
+            record: dict[str, Any] = _train_epoch_sharded(trained, loader, batches, mine, preprocess.input_size,
+                                                          optimizer, scheduler, ctx, on_batch)
+        else:
+            record = train_epoch(model, epoch_loader(settings, train_set, epoch, batches), optimizer, scheduler,
+                                 on_batch=on_batch)
         record.update(epoch=epoch + 1, seconds=time.perf_counter() - began)
-        if val_loader is not None:
-            record.update({f"val_{k}": v for k, v in evaluate_loss(model, val_loader).items()})
         history.append(record)
-        save_checkpoint(out, {
-            "model": settings.model, "downsample": settings.downsample, "config": settings.config(),
-            "epoch": epoch + 1, "total_epochs": settings.epochs, "state_dict": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
-        })
-        if cb.on_epoch_end:
-            cb.on_epoch_end(record)
+        with together(ctx):  # rank 0 validates and writes; a failure there stops every rank
+            if ctx.is_main:
+                if val_loader is not None:
+                    record.update({f"val_{k}": v for k, v in evaluate_loss(model, val_loader).items()})
+                save_checkpoint(out, {
+                    "model": settings.model, "downsample": settings.downsample, "config": settings.config(),
+                    "epoch": epoch + 1, "total_epochs": settings.epochs, "state_dict": _on_cpu(model.state_dict()),
+                    "optimizer": _on_cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
+                    "history": history,
+                })
+                if cb.on_epoch_end:
+                    cb.on_epoch_end(record)
     return history

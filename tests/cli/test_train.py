@@ -94,6 +94,8 @@ def test_train_resume_and_eval(shared_data: Path, tiny: Path, tmp_path: Path, mo
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
     (["--epochs", "1", "--lr", "-1"], "--lr must be > 0, got -1.0"),
     (["--epochs", "1", "--limit", "0"], "--limit must be >= 1, got 0"),
+    (["--epochs", "1", "--device", "cpu", "--precision", "bf16"], "fine-tunes in fp32 only"),
+    (["--epochs", "1", "--device", "nonsense"], "unknown device 'nonsense'"),
 ])
 def test_bad_arguments(tiny: Path, tmp_path: Path, argv: list[str], message: str,
                        capsys: pytest.CaptureFixture[str]) -> None:
@@ -171,3 +173,26 @@ def test_a_corrupt_image_with_workers_is_one_line(tiny: Path, tmp_path: Path, co
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "cannot read image" in err and "zz-broken.png" in err
+
+
+@pytest.mark.slow
+def test_torchrun_trains_what_one_process_does(shared_data: Path, tiny: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    argv = ["--epochs", "1", "--batch-size", "8", "--device", "cpu"]
+    assert _train(tiny, tmp_path / "one.pt", *argv) == 0
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "POLYGLEAN_DATA": str(shared_data)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "polyglean", "train", "--model", "cifar10-resnet20", "--data", str(tiny),
+                           "--no-progress", "--out", str(tmp_path / "two.pt"), *argv],
+                          env=env, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("epoch 1/1:") == 1  # rank 0 alone reports
+    a = torch.load(tmp_path / "one.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "two.pt", weights_only=True)["state_dict"]
+    for k, v in a.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(b[k], v, atol=1e-4, rtol=1e-3, msg=k)

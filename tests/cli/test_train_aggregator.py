@@ -78,6 +78,13 @@ def test_refusals(shared_data: Path, trained: Path, tmp_path: Path, capsys: pyte
     assert main(["train-aggregator", "--model", "cifar10-resnet20", "--data", test, "--epochs", "0",
                  "--out", str(tmp_path / "a.pt")]) == 2
     assert "--epochs must be >= 1" in capsys.readouterr().err
+    assert main(["train-aggregator", "--model", "cifar10-resnet20", "--data", test, "--device", "cpu",
+                 "--precision", "bf16", "--out", str(tmp_path / "b.pt")]) == 2
+    assert "trained in fp32 only" in capsys.readouterr().err
+    assert main(["train-aggregator", "--model", "cifar10-resnet20", "--data", test, "--device", "nonsense",
+                 "--out", str(tmp_path / "c.pt")]) == 2
+    assert "unknown device 'nonsense'" in capsys.readouterr().err
+    assert not (tmp_path / "b.pt").exists() and not (tmp_path / "c.pt").exists()
 
 
 def test_holdout(shared_data: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
