@@ -104,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
     if args.input_size:
         check_input_size((3, *args.input_size))  # before the model is even loaded
     # The sites and FLOPs do not depend on the weights' values: without --weights, seeded random ones will do.
-    model, preprocess = load_model(args.model, args.weights, random_weights=None if args.weights else 0)
+    from polyglean.models.loader import has_default_weights
+
+    model, preprocess = load_model(args.model, args.weights,
+                                   random_weights=None if args.weights or has_default_weights(args.model) else 0)
     size = preprocess.input_size
     if args.input_size:
         size = (size[0], *args.input_size)
