@@ -65,7 +65,7 @@ class SearchResult:
 
     def budget_used(self, budget: int) -> Tensor:
         """``(N,)`` candidates aggregated per image at ``budget`` (fewer where a stop rule ended the search)."""
-        full = torch.full((self.states.shape[0],), budget, dtype=torch.long)
+        full = torch.full((self.states.shape[0],), budget, dtype=torch.long, device="cpu")
         return full if self.counts is None else torch.minimum(full, self.counts.cpu())
 
     @property
@@ -448,7 +448,7 @@ class PhaseSearch:
             feats = feats.reshape(n, -1, *feats.shape[1:])
         result = SearchResult({}, states, scores, shift, logits, evaluated, flops, forward, {}, seconds, feats)
         if min(counts) < width:
-            result.counts = torch.tensor(counts)
+            result.counts = torch.tensor(counts, device="cpu")
         head = seg_flops[net.head_segment] if feats is not None else 0
         for b in wanted:
             tick = time.perf_counter()
@@ -459,7 +459,7 @@ class PhaseSearch:
             used = result.budget_used(b).tolist()
             per_image = torch.tensor([float(sum(seg_flops)) if u == 1 else
                                       float(sum(seg_flops)) + 2 * head + sum(c.cost for c in pool[1:u])
-                                      for pool, u in zip(cands, used)], dtype=torch.float64)
+                                      for pool, u in zip(cands, used)], dtype=torch.float64, device="cpu")
             result.image_flops_by_budget[b] = per_image
             result.flops_by_budget[b] = float(per_image.sum())
             result.flops += sum(head for u in used if u > 1)

@@ -191,7 +191,7 @@ def calibrate_threshold(confidence: Tensor, full_cost: Tensor, target: float, pl
     conf = confidence.double()[order]
     saved = torch.cumsum(full_cost.double()[order] - plain_cost, 0)
     # stopping the first j images (the most confident) costs mean(full) - saved[j-1] / n
-    costs = torch.cat([torch.tensor([hi], dtype=torch.float64), hi - saved / n])
+    costs = torch.cat([torch.tensor([hi], dtype=torch.float64, device=saved.device), hi - saved / n])
     j = int(torch.argmin((costs - target).abs()))
     if j == 0:
         return float(conf[0]) + 1e-6  # nobody stops

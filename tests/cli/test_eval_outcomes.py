@@ -29,7 +29,7 @@ def _correct(row: dict) -> list[bool]:  # type: ignore[type-arg]
 
 def test_rows_carry_per_image_outcomes(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.json"
-    assert main(["eval", "--model", "torchvision:resnet18", "--data", str(folder), "--budgets", "1,4",
+    assert main(["eval", "--model", "torchvision:resnet18", "--random-weights", "--data", str(folder), "--budgets", "1,4",
                  "--aggregate", "mean", "--subset", "2:", "--json", str(out), "--no-progress", "--workers", "0"]) == 0
     payload = json.loads(out.read_text())
     labels = payload["labels"]
@@ -45,7 +45,7 @@ def test_rows_carry_per_image_outcomes(folder: Path, tmp_path: Path) -> None:
 
 def test_tta_fit_subset(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "t.json"
-    assert main(["eval", "--model", "torchvision:resnet18", "--data", str(folder), "--subset", "5:",
+    assert main(["eval", "--model", "torchvision:resnet18", "--random-weights", "--data", str(folder), "--subset", "5:",
                  "--budgets", "1", "--tta", "none,gps", "--tta-policy", "flip", "--tta-fit-data", str(folder),
                  "--tta-fit-subset", "0:5", "--json", str(out), "--no-progress", "--workers", "0"]) == 0
     payload = json.loads(out.read_text())
@@ -54,6 +54,6 @@ def test_tta_fit_subset(folder: Path, tmp_path: Path) -> None:
 
 
 def test_tta_fit_subset_needs_fit_data(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["eval", "--model", "torchvision:resnet18", "--data", str(folder), "--tta", "mean",
+    assert main(["eval", "--model", "torchvision:resnet18", "--random-weights", "--data", str(folder), "--tta", "mean",
                  "--tta-fit-subset", "0:5", "--no-progress"]) == 2
     assert "--tta-fit-subset select images of --tta-fit-data" in capsys.readouterr().err
