@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from polyglean.cli._common import check_outputs, machine, write_results
+from polyglean.cli._common import add_runtime_arguments, check_outputs, machine, runtime, write_results
 from polyglean.errors import ArgumentError
 
 
@@ -35,16 +35,19 @@ def add_parser(sub: Any, name: str) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up (median reported)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--json", dest="json_out", help="also write the result here (atomically)")
+    add_runtime_arguments(p)
 
 
-def _median_seconds(fn: Any, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
+def _median_seconds(fn: Any, repeats: int, device: torch.device) -> float:
+    def timed() -> float:
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        if device.type == "cuda":  # kernels run asynchronously: time them to the end
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    timed()  # warm-up
+    return statistics.median(timed() for _ in range(repeats))
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -61,11 +64,13 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.input_size:
         check_input_size((3, *args.input_size), args.batch_size)
     check_outputs(json=args.json_out)
+    rt = runtime(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     # A timing: a torchvision/timm model without --weights runs seeded random weights (as documented).
     model, preprocess = load_model(args.model, args.weights,
                                    random_weights=None if args.weights or has_default_weights(args.model) else 0)
+    model = model.to(rt.device)
     size = preprocess.input_size if not args.input_size else (preprocess.input_size[0], *args.input_size)
     check_input_size(size, args.batch_size)
     net = phase_net(model, size)
@@ -74,18 +79,19 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     dense = args.model in list_models() and get_preset(args.model).task == "segmentation"
     search = build_search(net, dense=dense, budget=args.budget, criterion=args.criterion, aggregate=args.aggregate,
                           phase_stride=args.phase_stride)
-    x = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(0)).to(rt.device)
     result: dict[str, Any] = {}
 
     def plain() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), rt.autocast():
             model(x)
 
     def searched() -> None:
-        result["last"] = search.run(x)
+        with rt.autocast():
+            result["last"] = search.run(x)
 
-    t_plain = _median_seconds(plain, args.repeats)
-    t_search = _median_seconds(searched, args.repeats)
+    t_plain = _median_seconds(plain, args.repeats, rt.device)
+    t_search = _median_seconds(searched, args.repeats, rt.device)
     res = result["last"]
     return {
         "model": args.model,
@@ -100,6 +106,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "flop_ratio_without_reuse": float(args.budget),
         "time_over_flop_ratio": (t_search / t_plain) / res.forward_equivalents_at(args.budget),
         "repeats": args.repeats,
+        **rt.as_dict(),
         "machine": machine(),
     }
 

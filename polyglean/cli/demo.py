@@ -28,6 +28,9 @@ def add_parser(sub: Any, name: str) -> None:
     p.add_argument("--criterion", default="entropy")
     p.add_argument("--aggregate", default="entropy")
     p.add_argument("--out", help="folder for the figure (demo.png)")
+    from polyglean.cli._common import add_runtime_arguments
+
+    add_runtime_arguments(p)
 
 
 def _load_images(names: list[str]) -> list[tuple[str, Any]]:
@@ -64,7 +67,7 @@ def figure(net: Any, search: Any, image: Any, x: torch.Tensor, states: torch.Ten
     op = next(op for op, idx in net.discovery.ops.values() if idx == site.index)
     maps: list[torch.Tensor] = []
     phase_maps: list[torch.Tensor] = []
-    handle = op.register_forward_hook(lambda m, a, out: maps.append(out.detach().abs().mean(1)[0]))
+    handle = op.register_forward_hook(lambda m, a, out: maps.append(out.detach().float().abs().mean(1)[0].cpu()))
     try:
         with torch.no_grad():
             for p in range(site.num_phases):
@@ -102,7 +105,7 @@ def figure(net: Any, search: Any, image: Any, x: torch.Tensor, states: torch.Ten
 def run(args: argparse.Namespace) -> int:
     from timm.data import ImageNetInfo
 
-    from polyglean.cli._common import load_model, phase_net
+    from polyglean.cli._common import load_model, phase_net, runtime
     from polyglean.experiments import build_search
 
     names = [n.strip() for n in args.images.split(",") if n.strip()]
@@ -112,12 +115,15 @@ def run(args: argparse.Namespace) -> int:
         raise ArgumentError(f"budget {args.budget} out of range: the budget is >= 1")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise ArgumentError(f"--out {args.out!r} is a file; give a folder")
+    rt = runtime(args)
     images = _load_images(names)
     model, preprocess = load_model("imagenet-efficientnet-lite0")
-    net = phase_net(model, preprocess.input_size)
+    net = phase_net(model.to(rt.device), preprocess.input_size)
     search = build_search(net, budget=args.budget, criterion=args.criterion, aggregate=args.aggregate)
-    x = torch.stack([preprocess(img) for _, img in images])
-    result = search.run(x, budgets=sorted({1, args.budget}))
+    x = torch.stack([preprocess(img) for _, img in images]).to(rt.device)
+    with rt.autocast():
+        result = search.run(x, budgets=sorted({1, args.budget}))
+    result.logits = {b: z.float().cpu() for b, z in result.logits.items()}
     info = ImageNetInfo()
     print(f"EfficientNet-Lite0, phase search B={args.budget} over {', '.join(s.name for s in search.search_space)} "
           f"(criterion {args.criterion}, aggregate {args.aggregate}, aligned); "
@@ -131,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        figure(net, search, images[0][1], x[:1], result.states[0], result.scores[0], images[0][0], out / "demo.png")
+        figure(net, search, images[0][1], x[:1], result.states[0].cpu(), result.scores[0].cpu(), images[0][0],
+               out / "demo.png")
         print(f"\nfigure: {out / 'demo.png'}")
     return 0

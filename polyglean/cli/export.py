@@ -35,6 +35,8 @@ def add_parser(sub: Any, name: str) -> None:
                    help="candidates when the search space has more states: those the search keeps most (16)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", dest="json_out", help="also write the selection and checks as JSON")
+    p.add_argument("--device", help="where the states are run while choosing them (cpu, cuda, cuda:N, mps; default: "
+                                    "cuda when available); the ensemble is exported from the CPU")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -44,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = ExportConfig(model=args.model, fit_data=args.fit_data, out=args.out, states=args.states,
                        weights=args.weights, fmt=args.fmt, subset=args.subset, limit=args.limit, metric=args.metric,
                        aggregate=args.aggregate, align=not args.no_align, search_space=args.search_space,
-                       pool_size=args.pool_size, batch_size=args.batch_size, json_out=args.json_out)
+                       pool_size=args.pool_size, batch_size=args.batch_size, json_out=args.json_out,
+                       device=args.device)
     bars: dict[str, Any] = {}
 
     def progress(stage: str, done: int, total: int) -> None:

@@ -28,6 +28,8 @@ def add_parser(sub: Any, name: str) -> None:
                    help="spatial input size (default: the model's preprocessing size)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--list", action="store_true", help="list the model presets and exit")
+    p.add_argument("--device", help="where to run the model while counting (cpu, cuda, cuda:N, mps; default: cuda "
+                                    "when available)")
 
 
 def describe(net: PhaseNet, model_name: str) -> dict[str, Any]:
@@ -103,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.input_size:
         check_input_size((3, *args.input_size))  # before the model is even loaded
+    from polyglean.runtime import Runtime
+
+    rt = Runtime.resolve(args.device)  # the FLOPs are counted on this device
     # The sites and FLOPs do not depend on the weights' values: without --weights, seeded random ones will do.
     from polyglean.models.loader import has_default_weights
 
@@ -112,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if args.input_size:
         size = (size[0], *args.input_size)
         check_input_size(size)
-    net = phase_net(model, size)
+    net = phase_net(model.to(rt.device), size)
     info = describe(net, args.model)
     print(json.dumps(info, indent=2) if args.json else format_table(info))
     return 0

@@ -43,6 +43,8 @@ class ExportConfig:
         pool_size: Candidates when the search space has more states than this: the states the search keeps most.
         batch_size: Images per batch.
         json_out: Also write the selection and the checks as JSON here.
+        device: Where the states are run while choosing them (default: cuda when available); the ensemble is
+            exported from the CPU.
     """
 
     model: str
@@ -60,6 +62,7 @@ class ExportConfig:
     pool_size: int = 16
     batch_size: int = 64
     json_out: str | None = None
+    device: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -95,9 +98,12 @@ def export_ensemble(cfg: ExportConfig, progress: Callable[[str, int, int], None]
     from polyglean.provenance import machine
     from polyglean.search import PhaseSearch
 
+    from polyglean.runtime import Runtime
+
     fmt = _validate(cfg)
+    device = Runtime.resolve(cfg.device).device
     model, preprocess = load_model(cfg.model, cfg.weights)
-    net = PhaseNet(model, input_size=preprocess.input_size)
+    net = PhaseNet(model.to(device), input_size=preprocess.input_size)
     space = PhaseSearch(net, budget=1, search_space=cfg.search_space).search_space
     all_states = space_states(net, [s.name for s in space])
     if cfg.states > len(all_states):
@@ -126,15 +132,17 @@ def export_ensemble(cfg: ExportConfig, progress: Callable[[str, int, int], None]
 
         def images() -> Any:
             for x, _ in loader:
-                yield x
+                yield x.to(device)
                 step(x.shape[0])
         pool = search_pool(net, images(), [s.name for s in space], cfg.pool_size)
     if cfg.states > len(pool):
         raise ArgumentError(f"--states {cfg.states} is more than the {len(pool)} candidate states (--pool-size)")
-    feats, logits, labels = collect_features(net, loader, pool, align=cfg.align, progress=tick("features"))
+    batches = ((x.to(device), y.to(device)) for x, y in loader)
+    feats, logits, labels = collect_features(net, batches, pool, align=cfg.align, progress=tick("features"))
     selection = select_states(net, feats, logits, labels, pool, cfg.states, metric=cfg.metric,
                               aggregate=cfg.aggregate)
     del feats
+    net = net.cpu()  # exported from the CPU
     ensemble = PhaseEnsemble(net, selection.states, aggregate=cfg.aggregate, align=cfg.align).eval()
     example = next(iter(make_loader(dataset, batch_size=min(4, n))))[0]
     checks = export_module(ensemble, example, cfg.out, fmt)
@@ -146,7 +154,7 @@ def export_ensemble(cfg: ExportConfig, progress: Callable[[str, int, int], None]
                                                   "metric": cfg.metric, "nll": selection.nll,
                                                   "top1": selection.top1},
                "pool": len(pool), "aggregate": cfg.aggregate, "align": cfg.align,
-               "segment_runs": ensemble.segment_runs, "export_check_max_abs_diff": checks,
+               "segment_runs": ensemble.segment_runs, "device": str(device), "export_check_max_abs_diff": checks,
                "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}, "machine": machine()}
     if cfg.json_out:
         write_json(cfg.json_out, summary)

@@ -120,8 +120,8 @@ def _score(net: PhaseNet, combined: Tensor, labels: Tensor, chunk: int) -> tuple
     right = 0
     for i in range(0, combined.shape[0], chunk):
         z = net.head(combined[i:i + chunk].float()).float()
-        nll += float(F.cross_entropy(z, labels[i:i + chunk], reduction="sum"))
-        right += int((z.argmax(-1) == labels[i:i + chunk]).sum())
+        nll += float(F.cross_entropy(z, labels[i:i + chunk].to(z.device), reduction="sum"))
+        right += int((z.argmax(-1) == labels[i:i + chunk].to(z.device)).sum())
     n = combined.shape[0]
     return nll / n, 100.0 * right / n
 
@@ -152,7 +152,7 @@ def select_states(net: PhaseNet, features: Tensor, logits: Tensor, labels: Tenso
     if features.shape[1] != len(pool):
         raise ArgumentError(f"features hold {features.shape[1]} states but the pool has {len(pool)}")
     weights = (1.0 - normalized_entropy(logits)).clamp_min(1e-12) if aggregate == "entropy" \
-        else torch.ones(logits.shape[:2])
+        else torch.ones(logits.shape[:2], device=logits.device)
     shape = (-1, *([1] * (features.dim() - 2)))
     chosen = [0]
     total = features[:, 0].float() * weights[:, 0].reshape(shape)
