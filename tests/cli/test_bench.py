@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from polyglean.cli.main import main
 
@@ -30,3 +31,18 @@ def test_bench_json_path_checked_first(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["bench", "--budget", "4", "--input-size", "64", "64", "--json", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "is a directory" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("argv", [
+    ["bench", "--model", "cifar10-resnet20", "--device", "cuda"],
+    ["inspect", "cifar10-resnet20", "--device", "cuda"],
+    ["demo", "--device", "cuda"],
+    ["export", "--model", "cifar10-resnet20", "--states", "2", "--fit-data", ".", "--out", "x.onnx", "--device", "cuda"],
+])
+def test_an_unavailable_device_is_one_clear_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from polyglean.cli.main import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err and "Traceback" not in err
