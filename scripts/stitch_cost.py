@@ -60,18 +60,7 @@ class ESPNetEncoder(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor) -> Tensor:
-        e = self.model.encoder
-        out0 = e.b1(torch.cat([e.level1(x), e.sample1(x)], 1))
-        out1_0 = e.level2_0(out0)
-        out1 = out1_0
-        for layer in e.level2:
-            out1 = layer(out1)
-        out1_cat = e.b2(torch.cat([out1, out1_0, e.sample2(x)], 1))
-        out2_0 = e.level3_0(out1_cat)
-        out2 = out2_0
-        for layer in e.level3:
-            out2 = layer(out2)
-        return e.classifier(e.b3(torch.cat([out2_0, out2], 1)))
+        return self.model.encoder.classifier(self.model.encode(x)[2])
 
 
 def build(case: str, size: int) -> tuple[PhaseNet, Callable[[Image.Image], Tensor], list[str]]:

@@ -155,7 +155,8 @@ class ESPNet(nn.Module):
         self.up_l2 = nn.Sequential(nn.ConvTranspose2d(classes, classes, 2, stride=2, bias=False), _BNPReLU(classes))
         self.classifier = nn.ConvTranspose2d(classes, classes, 2, stride=2, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The encoder's outputs at 1/2, 1/4 and 1/8 of the input (the level-1, -2 and -3 concatenations)."""
         e = self.encoder
         out0 = e.b1(torch.cat([e.level1(x), e.sample1(x)], 1))
         out1_0 = e.level2_0(out0)
@@ -167,7 +168,11 @@ class ESPNet(nn.Module):
         out2 = out2_0
         for layer in e.level3:
             out2 = layer(out2)
-        out2_cat = e.b3(torch.cat([out2_0, out2], 1))
+        return out0, out1_cat, e.b3(torch.cat([out2_0, out2], 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        e = self.encoder
+        out0, out1_cat, out2_cat = self.encode(x)
         up3 = self.up_l3(self.br(e.classifier(out2_cat)))
         up2 = self.up_l2(self.combine_l2_l3(torch.cat([self.level3_C(out1_cat), up3], 1)))
         return self.classifier(self.conv(torch.cat([up2, out0], 1)))
