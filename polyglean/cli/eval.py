@@ -700,7 +700,8 @@ def evaluate_dense(args: argparse.Namespace) -> dict[str, Any]:
 
     aggregates, tta = _check_dense(args)
     preset = get_preset(args.model)
-    model, preprocess = load_model(args.model, args.weights)
+    model, preprocess = load_model(args.model, args.weights, pretrained=args.pretrained,
+                                   random_weights=args.random_weights)
     dataset: Any = SegmentationDataset(args.data, args.labels, preprocess, num_classes=preset.num_classes,
                                        ignore_index=preset.ignore_index)
     if args.limit is not None and args.limit < len(dataset):

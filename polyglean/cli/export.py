@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
                        weights=args.weights, fmt=args.fmt, subset=args.subset, limit=args.limit, metric=args.metric,
                        aggregate=args.aggregate, align=not args.no_align, search_space=args.search_space,
                        pool_size=args.pool_size, batch_size=args.batch_size, json_out=args.json_out,
-                       device=args.device)
+                       device=args.device, pretrained=args.pretrained, random_weights=args.random_weights)
     bars: dict[str, Any] = {}
 
     def progress(stage: str, done: int, total: int) -> None:

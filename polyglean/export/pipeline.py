@@ -43,6 +43,8 @@ class ExportConfig:
         pool_size: Candidates when the search space has more states than this: the states the search keeps most.
         batch_size: Images per batch.
         json_out: Also write the selection and the checks as JSON here.
+        pretrained: Download the library's weights (torchvision/timm), as :func:`polyglean.load_model`.
+        random_weights: A seed: random weights on purpose, as :func:`polyglean.load_model`.
         device: Where the states are run while choosing them (default: cuda when available); the ensemble is
             exported from the CPU.
     """
@@ -63,6 +65,8 @@ class ExportConfig:
     batch_size: int = 64
     json_out: str | None = None
     device: str | None = None
+    pretrained: bool = False
+    random_weights: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,7 +106,8 @@ def export_ensemble(cfg: ExportConfig, progress: Callable[[str, int, int], None]
 
     fmt = _validate(cfg)
     device = Runtime.resolve(cfg.device).device
-    model, preprocess = load_model(cfg.model, cfg.weights)
+    model, preprocess = load_model(cfg.model, cfg.weights, pretrained=cfg.pretrained,
+                                   random_weights=cfg.random_weights)
     net = PhaseNet(model.to(device), input_size=preprocess.input_size)
     space = PhaseSearch(net, budget=1, search_space=cfg.search_space).search_space
     all_states = space_states(net, [s.name for s in space])
