@@ -5,7 +5,8 @@ augmentation, SGD or AdamW and a cosine schedule over all steps, shows a progres
 accuracy, and writes a checkpoint atomically after every epoch; ``--resume`` continues from it (with the same
 settings only), and an existing checkpoint is never replaced without ``--overwrite``. The checkpoint records the
 model spec and the downsample, so ``polyglean eval --model SPEC --downsample NAME --weights CKPT`` loads it
-(strictly, ``weights_only=True``). This module only parses; :func:`polyglean.training.finetune.finetune` trains.
+(strictly, ``weights_only=True``); ``--phase-augment P`` trains on random phase states (recorded in the checkpoint,
+which ``eval --weights`` then reads like any other). This module only parses; :func:`polyglean.training.finetune.finetune` trains.
 """
 
 from __future__ import annotations
@@ -39,6 +40,16 @@ def add_parser(sub: Any, name: str) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--limit", type=int, help="train on N images only (evenly spread over the data set)")
     p.add_argument("--seed", type=int, default=0, help="seed of new layers' initialisation and the data order")
+    p.add_argument("--phase-augment", type=float, default=0.0, metavar="P",
+                   help="phase states as an augmentation: each training image runs, with probability P, at a random "
+                        "phase of every site of --phase-sites (BatchNorm over the whole batch, as in ordinary "
+                        "training; default 0: ordinary training)")
+    p.add_argument("--phase-sites", metavar="SITES",
+                   help="with --phase-augment: the sites that draw a phase: search (default: the sites the phase "
+                        "search explores), main (every main-path site), all, or comma-separated site names")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="start from the architecture's own random initialisation (seeded by --seed) instead of "
+                        "trained weights")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", required=True, help="checkpoint path, rewritten atomically after every epoch")
@@ -59,7 +70,8 @@ def settings(args: argparse.Namespace) -> Any:
         model=args.model, data=args.data, epochs=args.epochs, downsample=args.downsample, val_data=args.val_data,
         lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer, batch_size=args.batch_size,
         limit=args.limit, seed=args.seed, workers=args.workers, weights=args.weights, pretrained=args.pretrained,
-        random_weights=args.random_weights,
+        random_weights=args.random_weights, phase_augment=args.phase_augment, phase_sites=args.phase_sites,
+        from_scratch=args.from_scratch,
     )
 
 

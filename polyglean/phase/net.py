@@ -69,6 +69,22 @@ def check_eval_mode(model: nn.Module) -> None:
         )
 
 
+_MODE_DEPENDENT = {"batch_norm", "instance_norm", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+                   "feature_alpha_dropout", "native_dropout", "native_batch_norm"}
+
+
+def _mode_matters(name: str, node: fx.Node) -> bool:
+    """Whether a traced call of a mode-dependent function would behave differently in training: a dropout with a
+    probability of zero never drops; any batch or instance norm with running statistics would."""
+    if "dropout" in name:
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        return not (isinstance(p, (int, float)) and p == 0)
+    if name == "instance_norm":
+        use_input_stats = node.kwargs.get("use_input_stats", node.args[5] if len(node.args) > 5 else True)
+        return use_input_stats is not True
+    return True
+
+
 def _fetch(root: nn.Module, fallback: nn.Module, target: str) -> Any:
     for obj in (root, fallback):
         try:
@@ -478,6 +494,51 @@ class PhaseNet(nn.Module):
         x = self.check_input(x)
         out, _ = self.run_from(0, (x,), self.encode_phases(phases, x.shape[0], x.device))
         return out
+
+    def train_forward(self, x: Tensor, phases: Phases = None) -> Any:
+        """Runs the model with ``phases`` in whatever mode its modules are in: for training with phase states.
+
+        The graph was traced in eval mode, but its segments call the model's own modules, so a BatchNorm module in
+        training mode normalises with the batch's statistics (the whole batch, whatever phase each image runs at)
+        and updates its running statistics, and a dropout module drops, exactly as in ordinary training; gradients
+        flow through the phase ops to the model's parameters. What tracing fixed at eval-mode values is refused
+        (:meth:`check_trainable`). With every phase at ``(0, 0)`` this is the model's own forward, bit for bit.
+
+        Raises:
+            ModelError: the traced graph holds a mode-dependent functional call (see :meth:`check_trainable`).
+        """
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ArgumentError(f"input must be a 4-D batch (N, C, H, W), got {getattr(x, 'shape', type(x))}")
+        if self.model.training:
+            self.check_trainable()
+        out, _ = self.run_from(0, (x,), self.encode_phases(phases, x.shape[0], x.device))
+        return out
+
+    def check_trainable(self) -> None:
+        """Refuses a graph in which tracing fixed a mode-dependent functional call to its eval-mode behaviour.
+
+        A module (``nn.BatchNorm2d``, ``nn.Dropout``) is called as itself and follows the mode it is in; but a
+        ``forward`` that calls ``F.batch_norm(..., training=self.training)`` or ``F.dropout(..., training=...)``
+        was traced with the eval-mode value, so in training it would silently keep normalising with the running
+        statistics or never drop.
+
+        Raises:
+            ModelError: naming the first such call.
+        """
+        if getattr(self, "_trainable_checked", False):
+            return
+        for n in self._found.graph_module.graph.nodes:
+            if n.op != "call_function":
+                continue
+            name = getattr(n.target, "__name__", str(n.target))
+            if name in _MODE_DEPENDENT and _mode_matters(name, n):
+                raise ModelError(
+                    f"{type(self.model).__name__} calls {name}() in its forward (node '{n.name}'), traced in eval "
+                    "mode: in training it would keep its eval-mode behaviour, so phase-state training would not be "
+                    "ordinary training. Hint: make that layer a module (nn.BatchNorm2d, nn.Dropout), or list it in "
+                    "leaf_modules so it is called as itself"
+                )
+        self._trainable_checked = True
 
     def run_to(self, x: Tensor, segment: int, phases: list[PhaseValue]) -> tuple[Tensor, ...]:
         """Runs segments ``0 .. segment - 1``; returns the values live at the start of ``segment``."""

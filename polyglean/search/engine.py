@@ -31,7 +31,7 @@ from polyglean.search.criteria import CRITERIA, Criterion
 from polyglean.search.stop import StopRule, parse_stop
 from polyglean.sites import Site
 
-__all__ = ["PhaseSearch", "SearchResult"]
+__all__ = ["PhaseSearch", "SearchResult", "default_search_space"]
 
 
 @dataclass
@@ -101,6 +101,23 @@ def _resolve(registry: Any, value: Any, base: type) -> Any:
     if isinstance(value, base):
         return value
     raise TypeError(f"expected a name ({', '.join(registry.names())}) or a {base.__name__}, got {value!r}")
+
+
+def default_search_space(net: PhaseNet) -> list[Site]:
+    """The sites searched by default: every site on the main path but the first and the last, or all of them when
+    that leaves none (see :class:`PhaseSearch`).
+
+    Raises:
+        ModelError: no site lies on the main path (the branches subsample in parallel).
+    """
+    main = net.main_sites
+    if not main:
+        raise ModelError(
+            f"no subsampling site of {type(net.model).__name__} lies on its main path (its branches subsample in "
+            f"parallel: {', '.join(f'{s.name} {s.factor}' for s in net.sites)}), so there is no default search "
+            "space nor a common grid to align; name the sites to search (search_space=...) and "
+            "aggregate_on='logits'")
+    return main[1:-1] if len(main) > 2 else main
 
 
 class PhaseSearch:
@@ -179,16 +196,8 @@ class PhaseSearch:
         self.budget = self._check_budget(budget)
 
     def _space(self, search_space: Sequence[str | int] | None) -> list[Site]:
-        sites = self.net.sites
         if search_space is None:
-            main = [s for s in sites if s.main_path]
-            if not main:
-                raise ModelError(
-                    f"no subsampling site of {type(self.net.model).__name__} lies on its main path (its branches "
-                    f"subsample in parallel: {', '.join(f'{s.name} {s.factor}' for s in sites)}), so there is no "
-                    "default search space nor a common grid to align; name the sites to search (search_space=...) "
-                    "and aggregate_on='logits'")
-            chosen = main[1:-1] if len(main) > 2 else main
+            chosen = default_search_space(self.net)
         else:
             if isinstance(search_space, (str, int)):
                 search_space = [search_space]

@@ -6,7 +6,8 @@
 :func:`build_model` (a preset's pretrained weights, then :func:`polyglean.swap` with the downsample's settings from
 :data:`DOWNSAMPLES`, so every weight the rewrite keeps starts pretrained), :func:`train_transform` (standard
 augmentation), :func:`train_epoch` / :func:`evaluate_loss` (no printing: progress goes to a callback), checkpoints
-written atomically (:func:`save_checkpoint`) that record the model spec and the downsample, and
+written atomically (:func:`save_checkpoint`) that record the model spec, the downsample and the phase
+augmentation (:mod:`polyglean.training.phase_augment`: each training image at a random phase state), and
 :func:`load_finetuned`, which rebuilds the same architecture and loads such a checkpoint strictly with
 ``weights_only=True``. A run refuses to overwrite an existing checkpoint unless asked to, and resumes only with the
 settings it was started with.
@@ -40,6 +41,7 @@ from polyglean.models.checkpoint import CheckpointNotFoundError
 from polyglean.models.loader import build_architecture
 from polyglean.registry import Registry
 from polyglean.runtime import Runtime
+from polyglean.training.phase_augment import PhaseAugmented, check_probability
 from polyglean.training.runs import claim_output, refuse_changed_settings
 
 __all__ = [
@@ -254,6 +256,12 @@ class FinetuneSettings:
         epochs: total epochs; the cosine schedule spans them all.
         weights / pretrained / random_weights: the starting weights, as :func:`polyglean.models.load_model`.
         workers: data-loading processes (does not change the result).
+        phase_augment: probability that a training image runs at a random phase state
+            (:class:`~polyglean.training.phase_augment.PhaseAugmented`); ``0``: ordinary training.
+        phase_sites: the sites drawing phases (``search``, ``main``, ``all`` or comma-separated names; default
+            ``search``); only with ``phase_augment > 0``.
+        from_scratch: start from the architecture's own random initialisation (seeded by ``seed``), not from
+            trained weights.
     """
 
     model: str
@@ -271,6 +279,9 @@ class FinetuneSettings:
     weights: str | None = None
     pretrained: bool = False
     random_weights: int | None = None
+    phase_augment: float = 0.0
+    phase_sites: str | None = None
+    from_scratch: bool = False
 
     def check(self) -> None:
         """Refuses out-of-range settings before any work.
@@ -289,16 +300,28 @@ class FinetuneSettings:
         if self.downsample is not None:
             DOWNSAMPLES.get(self.downsample)
         OPTIMIZERS.get(self.optimizer)
+        check_probability(self.phase_augment)
+        if self.phase_sites is not None and self.phase_augment == 0:
+            raise ArgumentError(f"--phase-sites {self.phase_sites} has no effect without --phase-augment P > 0; "
+                                "add --phase-augment or drop --phase-sites")
+        if self.from_scratch:
+            given = [flag for flag, on in (("--weights", self.weights is not None), ("--pretrained", self.pretrained),
+                                           ("--random-weights", self.random_weights is not None)) if on]
+            if given:
+                raise ArgumentError(f"--from-scratch starts from the architecture's own random initialisation "
+                                    f"(seeded by --seed); it contradicts {', '.join(given)}")
 
     def config(self) -> dict[str, Any]:
         """What must not change between a run and its resumption (recorded in the checkpoint)."""
         return {"model": self.model, "downsample": self.downsample, "data": str(self.data), "lr": self.lr,
                 "weight_decay": self.weight_decay, "optimizer": self.optimizer, "batch_size": self.batch_size,
                 "limit": self.limit, "seed": self.seed, "weights": self.weights, "pretrained": self.pretrained,
-                "random_weights": self.random_weights}
+                "random_weights": self.random_weights, "phase_augment": self.phase_augment,
+                "phase_sites": self.phase_sites, "from_scratch": self.from_scratch}
 
 
-_CONFIG_DEFAULTS = {"weights": None, "pretrained": False, "random_weights": None}  # checkpoints from before them
+_CONFIG_DEFAULTS = {"weights": None, "pretrained": False, "random_weights": None,  # checkpoints from before them
+                    "phase_augment": 0.0, "phase_sites": None, "from_scratch": False}
 
 
 @dataclass
@@ -338,6 +361,10 @@ def starting_model(settings: FinetuneSettings, resume_from: str | Path | None) -
     if resume_from is not None:
         return load_finetuned(settings.model, settings.downsample, resume_from)
     torch.manual_seed(settings.seed)  # new layers' initialisation
+    if settings.from_scratch:  # the architecture's own initialisation, drawn from the seed
+        model, preprocess = build_architecture(settings.model)
+        return _swapped(model, preprocess, settings.downsample,
+                        DOWNSAMPLES.get(settings.downsample) if settings.downsample is not None else None), preprocess
     return build_model(settings.model, settings.downsample, weights=settings.weights, pretrained=settings.pretrained,
                        random_weights=settings.random_weights)
 
@@ -433,11 +460,12 @@ def _global_batchnorm(module: nn.Module) -> nn.Module:
 
 def _train_epoch_sharded(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], batches: list[list[int]],
                          mine: list[list[int]], input_size: tuple[int, ...], optimizer: torch.optim.Optimizer,
-                         scheduler: Any, ctx: DistContext, on_batch: Callable[[BatchStats], None] | None
-                         ) -> dict[str, float]:
+                         scheduler: Any, ctx: DistContext, on_batch: Callable[[BatchStats], None] | None,
+                         augment: PhaseAugmented | None = None) -> dict[str, float]:
     """:func:`train_epoch` of one rank: ``mine[k]`` are its images of global batch ``batches[k]``; its loss is
     their summed cross-entropy over the global batch size times the world size, so the gradient DDP averages is
-    the global batch's."""
+    the global batch's. With ``augment``, every rank draws the phase states of the whole global batch and runs
+    its own images at theirs, so the states are those one process would draw."""
     import torch.distributed as torch_dist
 
     model.train()
@@ -451,7 +479,10 @@ def _train_epoch_sharded(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor
         else:  # more processes than images in this batch: take part with none
             x = torch.zeros(0, *input_size, device=device)
             y = torch.zeros(0, dtype=torch.long, device=device)
-        logits = model(x)
+        if augment is not None:
+            logits = model(x, augment.draw(len(idx))[ctx.rank::ctx.world_size])
+        else:
+            logits = model(x)
         summed = F.cross_entropy(logits, y, reduction="sum")
         loss = summed * (ctx.world_size / len(idx))
         optimizer.zero_grad(set_to_none=True)
@@ -479,6 +510,9 @@ def _on_cpu(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_on_cpu(v) for v in value)
     return value
+
+
+_PHASE_SEED_OFFSET = 500_000_000  # phase draws use another stream than the epoch's order
 
 
 def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -543,6 +577,10 @@ def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = Fals
                                     "under torchrun they would normalise with each process's share of the batch; "
                                     "fine-tune it in one process")
         train_set, val_loader = training_data(settings, preprocess, num_classes(model, preprocess.input_size))
+        augment = None
+        if settings.phase_augment > 0:  # after the batch-norm swap: the phase graph calls the modules trained
+            augment = PhaseAugmented(model, preprocess.input_size, p=settings.phase_augment,
+                                     sites=settings.phase_sites, seed=settings.seed)
     steps_per_epoch = -(-len(train_set) // settings.batch_size)  # type: ignore[arg-type]
     optimizer = make_optimizer(settings.optimizer, model.parameters(), lr=settings.lr,
                                weight_decay=settings.weight_decay)
@@ -552,9 +590,10 @@ def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = Fals
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         start, history = int(resumed["epoch"]), list(resumed["history"])
-    trained: nn.Module = model
+    trained: nn.Module = model if augment is None else augment
     if ctx.distributed:
-        trained = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        trained = nn.parallel.DistributedDataParallel(trained,
+                                                      device_ids=[device] if device.type == "cuda" else None)
     report = cb.on_batch
 
     def on_batch(stats: BatchStats) -> None:
@@ -566,13 +605,15 @@ def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = Fals
             cb.on_epoch_start(epoch + 1, settings.epochs, len(train_set))  # type: ignore[arg-type]
         began = time.perf_counter()
         batches = epoch_order(settings, len(train_set), epoch)  # type: ignore[arg-type]
+        if augment is not None:  # the draws of an epoch depend on the seed and the epoch alone (resumable)
+            augment.reseed(settings.seed * 1000 + epoch + _PHASE_SEED_OFFSET)
         if ctx.distributed:
             mine = [idx[ctx.rank::ctx.world_size] for idx in batches]
             loader = epoch_loader(settings, train_set, epoch, [m for m in mine if m]) if any(mine) else []
             record: dict[str, Any] = _train_epoch_sharded(trained, loader, batches, mine, preprocess.input_size,
-                                                          optimizer, scheduler, ctx, on_batch)
+                                                          optimizer, scheduler, ctx, on_batch, augment)
         else:
-            record = train_epoch(model, epoch_loader(settings, train_set, epoch, batches), optimizer, scheduler,
+            record = train_epoch(trained, epoch_loader(settings, train_set, epoch, batches), optimizer, scheduler,
                                  on_batch=on_batch)
         record.update(epoch=epoch + 1, seconds=time.perf_counter() - began)
         history.append(record)
@@ -584,7 +625,7 @@ def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = Fals
                     "model": settings.model, "downsample": settings.downsample, "config": settings.config(),
                     "epoch": epoch + 1, "total_epochs": settings.epochs, "state_dict": _on_cpu(model.state_dict()),
                     "optimizer": _on_cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
-                    "history": history,
+                    "history": history, "phase_augment": augment.settings() if augment is not None else None,
                 })
                 if cb.on_epoch_end:
                     cb.on_epoch_end(record)
