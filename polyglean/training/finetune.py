@@ -580,7 +580,8 @@ def finetune(settings: FinetuneSettings, out: str | Path, *, resume: bool = Fals
         augment = None
         if settings.phase_augment > 0:  # after the batch-norm swap: the phase graph calls the modules trained
             augment = PhaseAugmented(model, preprocess.input_size, p=settings.phase_augment,
-                                     sites=settings.phase_sites, seed=settings.seed)
+                                     sites=settings.phase_sites, seed=settings.seed,
+                                     leaf_modules=(_GlobalBatchNorm2d,))
     steps_per_epoch = -(-len(train_set) // settings.batch_size)  # type: ignore[arg-type]
     optimizer = make_optimizer(settings.optimizer, model.parameters(), lr=settings.lr,
                                weight_decay=settings.weight_decay)

@@ -32,7 +32,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -100,18 +100,21 @@ class PhaseAugmented(nn.Module):
             training bit for bit; ``1``: always a random state, possibly the default one).
         sites: Which sites draw a phase (see :func:`resolve_sites`); the others keep ``(0, 0)``.
         seed: Seed of the draws (reseed per epoch with :meth:`reseed`).
+        leaf_modules: Module names or types to call as themselves rather than trace into (as for
+            :class:`PhaseNet`), e.g. a custom normalisation layer with control flow in its forward.
 
     In eval mode ``forward`` is ``model(x)``. The model is held, not copied: its ``state_dict`` is the one to save.
     """
 
     def __init__(self, model: nn.Module, input_size: Sequence[int], *, p: float,
-                 sites: str | Sequence[str] | None = None, seed: int = 0) -> None:
+                 sites: str | Sequence[str] | None = None, seed: int = 0,
+                 leaf_modules: Iterable[str | type[nn.Module]] = ()) -> None:
         super().__init__()
         self.p = check_probability(p)
         modes = {m: m.training for m in model.modules()}
         model.eval()
         try:
-            net = PhaseNet(model, input_size)
+            net = PhaseNet(model, input_size, leaf_modules=leaf_modules)
         finally:
             for m, training in modes.items():
                 m.train(training)

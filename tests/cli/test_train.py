@@ -176,13 +176,15 @@ def test_a_corrupt_image_with_workers_is_one_line(tiny: Path, tmp_path: Path, co
 
 
 @pytest.mark.slow
-def test_torchrun_trains_what_one_process_does(shared_data: Path, tiny: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["--phase-augment", "1"]], ids=["plain", "phase-augment"])
+def test_torchrun_trains_what_one_process_does(shared_data: Path, tiny: Path, tmp_path: Path,
+                                               extra: list[str]) -> None:
     import os
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[2]
-    argv = ["--epochs", "1", "--batch-size", "8", "--device", "cpu"]
+    argv = ["--epochs", "1", "--batch-size", "8", "--device", "cpu", *extra]
     assert _train(tiny, tmp_path / "one.pt", *argv) == 0
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "POLYGLEAN_DATA": str(shared_data)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
