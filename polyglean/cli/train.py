@@ -6,7 +6,8 @@ accuracy, and writes a checkpoint atomically after every epoch; ``--resume`` con
 settings only), and an existing checkpoint is never replaced without ``--overwrite``. The checkpoint records the
 model spec and the downsample, so ``polyglean eval --model SPEC --downsample NAME --weights CKPT`` loads it
 (strictly, ``weights_only=True``); ``--phase-augment P`` trains on random phase states (recorded in the checkpoint,
-which ``eval --weights`` then reads like any other). This module only parses; :func:`polyglean.training.finetune.finetune` trains.
+which ``eval --weights`` then reads like any other). This module only parses;
+:func:`polyglean.training.finetune.finetune` trains.
 """
 
 from __future__ import annotations
