@@ -18,8 +18,8 @@ Stages, each resumable (a finished checkpoint or result is kept):
     python scripts/phase_training.py table --json docs/results/cifar10-phase-training.json \
         --markdown docs/results/cifar10-phase-training.md                   # the README table
 
-An arm is ``NAME:sSEED`` with NAME ``p0``, ``p0.25``, ``p0.5``, ``p1`` (the phase-augment probability) or
-``blurpool`` (P = 0 with BlurPool swapped in).
+An arm is ``NAME:sSEED`` with NAME ``p0``, ``p0.25``, ``p0.5``, ``p1`` (the phase-augment probability),
+``blurpool`` (P = 0 with BlurPool swapped in) or ``pretrained`` (the published weights, evaluated only).
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ def parse_arm(text: str) -> dict[str, Any]:
     name, _, seed = text.partition(":s")
     if not seed.isdigit():
         raise SystemExit(f"arm {text!r}: expected NAME:sSEED, e.g. p0.5:s0")
+    if name == "pretrained":  # the published weights, not fine-tuned: evaluated only
+        return {"name": text, "p": 0.0, "downsample": None, "seed": int(seed), "pretrained": True}
     if name == "blurpool":
         return {"name": text, "p": 0.0, "downsample": "blurpool", "seed": int(seed)}
     if not name.startswith("p"):
@@ -68,6 +70,8 @@ def settings_of(arm: dict[str, Any], args: argparse.Namespace) -> FinetuneSettin
 def train(args: argparse.Namespace) -> None:
     for text in args.arm:
         arm = parse_arm(text)
+        if arm.get("pretrained"):
+            continue
         out = args.out / f"{arm['name'].replace(':', '-')}.pt"
         began = time.perf_counter()
 
@@ -120,16 +124,20 @@ def evaluate(args: argparse.Namespace) -> None:
         if out.exists() and not args.overwrite:
             print(f"[{arm['name']}] already measured: {out}")
             continue
-        if not ckpt.exists():
-            print(f"[{arm['name']}] no checkpoint yet: {ckpt}", file=sys.stderr)
-            continue
-        saved = torch.load(ckpt, weights_only=True)
-        if saved["epoch"] < saved["total_epochs"]:
-            print(f"[{arm['name']}] still training ({saved['epoch']} of {saved['total_epochs']} epochs)",
-                  file=sys.stderr)
-            continue
+        if arm.get("pretrained"):
+            saved = {"history": [], "config": None}
+            model, preprocess = load_model("cifar10-resnet20")
+        else:
+            if not ckpt.exists():
+                print(f"[{arm['name']}] no checkpoint yet: {ckpt}", file=sys.stderr)
+                continue
+            saved = torch.load(ckpt, weights_only=True)
+            if saved["epoch"] < saved["total_epochs"]:
+                print(f"[{arm['name']}] still training ({saved['epoch']} of {saved['total_epochs']} epochs)",
+                      file=sys.stderr)
+                continue
+            model, preprocess = _model(arm, ckpt)
         began = time.perf_counter()
-        model, preprocess = _model(arm, ckpt)
         test_all = open_dataset(args.test_data, preprocess)
         subset = open_dataset(args.test_data, preprocess, subset=args.search_subset)
         net = PhaseNet(model, input_size=preprocess.input_size)
@@ -190,36 +198,43 @@ def table(args: argparse.Namespace) -> None:
             mine = Outcomes(**outcomes[name]["plain"])
             ref = Outcomes(**outcomes[control]["plain"])
             row["vs_control"] = compare(mine, ref)
+            for key in ("entropy-al-4", "entropy-al-15"):  # the searched predictions against the control's
+                if key in outcomes[name]["search"] and key in outcomes[control]["search"]:
+                    row[f"vs_control_{key}"] = compare(Outcomes(**outcomes[name]["search"][key]),
+                                                       Outcomes(**outcomes[control]["search"][key]))
         rows.append(row)
-    order = {"p0": 0, "p0.25": 1, "p0.5": 2, "p1": 3, "blurpool": 4}
+    order = {"pretrained": -1, "p0": 0, "p0.25": 1, "p0.5": 2, "p1": 3, "blurpool": 4}
     rows.sort(key=lambda r: (r["seed"], order.get(r["arm"].split(":")[0], 9)))
     write_json(args.json, {"rows": rows, "machine": machine()})
     lines = [
-        "| arm | seed | top-1 | Δ top-1 vs P=0 [95% CI] | NLL | ECE | shift cons. | B=4 entropy Δ [CI] | "
-        "B=10 entropy Δ [CI] | B=15 entropy Δ [CI] | B=15 mean Δ [CI] | states alone: default / min / max |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | seed | top-1 | Δ top-1 vs P=0 [95% CI] | NLL | ECE | shift cons. | search Δ vs own plain: "
+        "B=4 | B=10 | B=15 | B=15 mean | B=4 vs P=0's B=4 | states alone: default / min / mean / max |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s = r["search"]
         vs = r.get("vs_control")
-        label = "BlurPool" if r["downsample"] else f"P = {r['p']:g}"
+        label = ("pretrained, not fine-tuned" if r["arm"].startswith("pretrained") else "BlurPool"
+                 if r["downsample"] else f"P = {r['p']:g}")
 
         def cell(key: str) -> str:
             x = s.get(key)
             return _fmt_ci(x["delta_top1"], x["delta_top1_ci"]) if x else "—"
 
         st = r["states"]
+        v4 = r.get("vs_control_entropy-al-4")
+        against = _fmt_ci(v4["delta_top1"], v4["delta_top1_ci"]) if v4 else "—"
         lines.append(
             f"| {label} | {r['seed']} | {r['plain']['top1']:.2f} | "
             f"{_fmt_ci(vs['delta_top1'], vs['delta_top1_ci']) if vs else '—'} | {r['plain']['nll']:.4f} | "
             f"{r['plain']['ece']:.2f} | {r['shift_consistency']:.2f} | {cell('entropy@4')} | "
-            f"{cell('entropy@10')} | {cell('entropy@15')} | {cell('mean@15')} | "
-            f"{st['default']:.2f} / {st['min']:.2f} / {st['max']:.2f} |")
+            f"{cell('entropy@10')} | {cell('entropy@15')} | {cell('mean@15')} | {against} | "
+            f"{st['default']:.2f} / {st['min']:.2f} / {st['mean']:.2f} / {st['max']:.2f} |")
     text = "\n".join(lines) + "\n"
     if args.markdown:
         from polyglean.io import write_atomic
 
-        write_atomic(args.markdown, text.encode())
+        write_atomic(args.markdown, lambda f: f.write(text.encode()))
     print(text)
 
 
@@ -235,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=20000, help="training images (evenly spread), the same for every arm")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--search-subset", default="0:5000", help="START:STOP of the test set for the search and states")
+    p.add_argument("--search-subset", default="0:5000",
+                   help="START:STOP of the test set for the search and states (default: all 5,000 of cifar10/test)")
     p.add_argument("--overwrite", action="store_true", help="evaluate again arms already measured")
     p.add_argument("--json", type=Path, default=Path("docs/results/cifar10-phase-training.json"))
     p.add_argument("--markdown", type=Path)
