@@ -176,7 +176,9 @@ def check_model(family: str, name: str, small: int | None = 96) -> ZooResult:
             result.main_sites = len(net.main_sites)
             result.factors = [f"{s.factor[0]}x{s.factor[1]}" + ("" if s.main_path else "*") for s in net.sites]
             if not net.sites:
-                result.status, result.reason = "no sites", "no strided op found: nothing to glean"
+                result.status = "no sites"
+                result.reason = ("no strided convolution, pooling or slicing (patches cut by a reshape are not one): "
+                                 "nothing to glean")
                 break
             check(net, model, torch.randn(2, *size))
             PhaseSearch(net, budget=1, aggregate_on="logits")  # the default search space, as `eval` uses it

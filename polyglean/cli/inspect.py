@@ -73,7 +73,8 @@ def format_table(info: dict[str, Any]) -> str:
     if list(largest) != list(info["total_factor"]):
         lines[0] += f" (largest path {largest[0]}x{largest[1]})"
     if not info["sites"]:
-        lines.append("no subsampling sites found: every layer keeps the full resolution, there is nothing to glean")
+        lines.append("no subsampling sites found: no strided convolution, pooling or slicing (patches cut by a "
+                     "reshape, as in NaFlexViT, are not one), so there is nothing to glean")
         return "\n".join(lines)
     rows = [("#", "site", "ops", "factor", "in -> out", "reduction", "path", "discarded", "FLOPs from site",
              "stitched OS")]
