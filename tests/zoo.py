@@ -71,8 +71,8 @@ def lively(model: nn.Module) -> nn.Module:
     affine map (weight 1, bias 0) and random statistics (mean ``N(0, 0.1^2)``, variance ``U(0.5, 1)``). The
     affine reset matters: timm initialises some batch norms for training, not for a signal to pass (RepVGG's draw
     weights ``N(0.1, 0.1^2)`` and biases ``N(0, 0.1^2)``, which shrink the signal about fivefold per block under
-    constant biases until the logits no longer depend on the input; TResNet and other residual nets zero the
-    last norm of each block).
+    constant biases until the logits no longer depend on the input; TResNet zeroes the last norm of each block,
+    which silences its residual branch, so that a phase inside the branch alone would change nothing).
     """
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

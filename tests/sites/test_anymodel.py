@@ -170,9 +170,14 @@ def test_repvgg_random_logits_depend_on_the_input() -> None:
 
 
 @pytest.mark.slow
-def test_tresnet_checks_with_lively_weights() -> None:
+def test_tresnet_branch_and_shortcut_are_one_site() -> None:
+    """A TResNet block's anti-aliased strided branch and its pooled shortcut meet at the add: one site, on the main
+    path (each alone was once a site off it, and a phase in the branch, zeroed by timm's initialisation of its last
+    norm, changed nothing)."""
     model = build("tresnet_l")
     net = PhaseNet(model, (3, 96, 96))
+    assert [s.ops for s in net.sites][1] == ("body.layer3.0.downsample.0", "body.layer3.0.conv2.aa.conv2d")
+    assert all(s.main_path for s in net.sites)
     check(net, model, torch.randn(2, 3, 96, 96))
 
 
