@@ -55,7 +55,8 @@ def markdown(rows: list[dict]) -> str:
         for r in sorted(others, key=lambda r: r["family"]):
             reason = r["reason"].replace("|", "/")
             reason = reason if len(reason) <= 160 else reason[:157] + "..."
-            status = {"error": "fails", "timeout": "too slow for the sweep"}.get(r["status"], r["status"])
+            status = {"error": "fails", "timeout": "too slow for the sweep", "no sites": "no subsampling"}.get(
+                r["status"], r["status"])
             if r["status"] == "timeout":
                 reason = f"over the limit of {r['seconds']:.0f} s per family"
             lines.append(f"| {r['family']} | `{r['model']}` | {status} | {reason} |")
