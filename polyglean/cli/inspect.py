@@ -91,6 +91,9 @@ def format_table(info: dict[str, Any]) -> str:
         lines.append("  ".join(cell.ljust(wd) for cell, wd in zip(row, widths)).rstrip())
         if k == 0:
             lines.append("  ".join("-" * wd for wd in widths))
+    if not any(s.get("main_path", True) for s in info["sites"]):
+        lines.append("no site lies on the main path (the branches subsample in parallel): the default search refuses "
+                     "this model; name the sites to search (--search-space) and use --aggregate-on logits")
     return "\n".join(lines)
 
 

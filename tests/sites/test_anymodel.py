@@ -201,6 +201,13 @@ def test_crossvit_default_search_is_refused_clearly() -> None:
     check(net, model, torch.randn(1, 3, 240, 240))
     with pytest.raises(ModelError, match="no subsampling site of CrossVit lies on its main path"):
         PhaseSearch(net, aggregate_on="logits")
+    # what the refusal suggests: name the sites, aggregate logits
+    search = PhaseSearch(net, budget=3, search_space=["patch_embed.0.proj"], aggregate_on="logits")
+    x = torch.randn(1, 3, 240, 240)
+    with torch.no_grad():
+        assert torch.equal(PhaseSearch(net, budget=1, search_space=["patch_embed.0.proj"],
+                                       aggregate_on="logits")(x), model(x))
+        assert search(x).shape == (1, 1000)
 
 
 @pytest.mark.parametrize("cls", ["StdConv2dSame", "ScaledStdConv2dSame"])
@@ -254,7 +261,9 @@ def test_crossvit_refusal_is_what_the_cli_shows(tmp_path: Path, capsys: pytest.C
 
     assert main(["inspect", "timm:crossvit_tiny_240", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    rows = {line.split()[1]: line.split() for line in out.splitlines()[3:]}
+    lines = out.splitlines()
+    assert lines[-1].startswith("no site lies on the main path") and "--search-space" in lines[-1]
+    rows = {line.split()[1]: line.split() for line in lines[3:-1]}
     assert set(rows) == {"patch_embed.0.proj", "patch_embed.1.proj"}
     assert rows["patch_embed.0.proj"][3] == "12x12" and rows["patch_embed.1.proj"][3] == "16x16"
     assert all("off" in row for row in rows.values())
