@@ -191,12 +191,21 @@ def patch_merge_ref(module: Any, x: Tensor, phase: tuple[int, int]) -> Tensor:
     return merged[:, dy::2, dx::2][:, :out_h, :out_w]
 
 
-def reference_forward(net: Any, x: Tensor, phases: dict[int, tuple[int, int]]) -> Any:
+def reference_forward(net: Any, x: Tensor, phases: dict[int, tuple[int, int]], noise: float = 0.0,
+                      seed: int = 0) -> Any:
     """The model at ``phases`` (site index -> phase) by an fx Interpreter over the traced graph, replacing each
-    subsampling node of a non-default site by its stride-1 reference; independent of PhaseNet's segments."""
+    subsampling node of a non-default site by its stride-1 reference; independent of PhaseNet's segments.
+
+    With ``noise > 0``, the output of every subsampling node of the sites in ``phases`` is perturbed by
+    ``noise * max|output| * N(0, 1)`` (seeded): run with ``noise`` one machine epsilon, the difference to the
+    unperturbed run is the rounding floor of the model behind those sites, what a rounding-level difference at the
+    site becomes at the output.
+    """
     from torch import fx
 
     found = net.discovery
+
+    perturbed: list[str] = []  # the nodes perturbed so far: each draws from its own seed
 
     class _Runner(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
@@ -205,7 +214,15 @@ def reference_forward(net: Any, x: Tensor, phases: dict[int, tuple[int, int]]) -
                 phase = phases.get(site, (0, 0))
                 if phase != (0, 0):
                     args, kwargs = self.fetch_args_kwargs_from_env(n)
-                    return op_reference(op, phase, args, kwargs)
+                    out = op_reference(op, phase, args, kwargs)
+                else:
+                    out = super().run_node(n)
+                if noise and site in phases:
+                    g = torch.Generator(device=out.device).manual_seed(seed + len(perturbed))
+                    perturbed.append(n.name)
+                    out = out + noise * out.abs().max() * torch.randn(out.shape, generator=g, device=out.device,
+                                                                      dtype=out.dtype)
+                return out
             return super().run_node(n)
 
     with torch.no_grad():

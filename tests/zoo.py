@@ -6,6 +6,7 @@ Used by ``tests/sites/test_zoo.py`` and by ``scripts/zoo_sweep.py`` (which write
 from __future__ import annotations
 
 import copy
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyglean import PhaseNet
+from polyglean import PhaseNet, PhaseSearch
 from polyglean.errors import PolygleanError
 from tests.reference import reference_forward
 
@@ -29,7 +30,9 @@ class ZooResult:
 
     family: str
     model: str
-    status: str  # "works", "refused" (a clear polyglean error), "error" (anything else), "unbuildable"
+    # "works", "refused" (a clear polyglean error), "no sites" (no strided op: nothing to glean), "error" (anything
+    # else), "unbuildable"; the sweep adds "timeout"
+    status: str
     reason: str = ""
     input_size: list[int] = field(default_factory=list)
     sites: int = 0
@@ -62,16 +65,27 @@ def candidates(family: str, limit: int = 3) -> list[str]:
 
 
 def lively(model: nn.Module) -> nn.Module:
-    """Variance-preserving random weights and random normalisation statistics, so a random network's output
-    depends visibly on its input."""
+    """Random weights under which a random network's output depends visibly on its input.
+
+    Convolutions and linear layers: variance-preserving (Kaiming normal, fan in, gain 1). Batch norms: the identity
+    affine map (weight 1, bias 0) and random statistics (mean ``N(0, 0.1^2)``, variance ``U(0.5, 1)``). The
+    affine reset matters: timm initialises some batch norms for training, not for a signal to pass (RepVGG's draw
+    weights ``N(0.1, 0.1^2)`` and biases ``N(0, 0.1^2)``, which shrink the signal about fivefold per block under
+    constant biases until the logits no longer depend on the input; TResNet zeroes the last norm of each block,
+    which silences its residual branch, so that a phase inside the branch alone would change nothing).
+    """
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.dim() >= 2:
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear", generator=g)
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 0.5 + 0.5)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.affine:
+                    m.weight.fill_(1.0)
+                    m.bias.zero_()
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 0.5 + 0.5)
     return model.eval()
 
 
@@ -81,7 +95,13 @@ def _first_line(err: BaseException) -> str:
 
 
 def check(net: PhaseNet, model: nn.Module, x: torch.Tensor) -> None:
-    """The four checks; raises AssertionError naming the one that fails."""
+    """The four checks; raises AssertionError naming the one that fails.
+
+    The phase is compared with the reference executor at a tolerance of 1e-3 of the output in float32. Past it, in
+    float64, where the two must agree to 1e-9 of the output, or, for models that amplify rounding, to within ten
+    times the model's rounding floor at the site (the difference that a one-epsilon random perturbation of the
+    site's output makes at the output, run through the reference executor) and still within 1e-3 of the output.
+    """
     sites = net.sites
     assert sites, "no subsampling sites found"
     with torch.no_grad():
@@ -107,13 +127,23 @@ def check(net: PhaseNet, model: nn.Module, x: torch.Tensor) -> None:
             moved64 = net64(x.double(), phases={site.name: phase})
         ref64 = reference_forward(net64, x.double(), {site.index: phase})
         err64 = (moved64 - ref64).abs().max().item()
-        assert err64 <= 1e-9 * (ref64.abs().max().item() or 1.0), (
-            f"phase at '{site.name}' differs from the reference executor by {err:.3g} (float64: {err64:.3g})")
+        scale64 = ref64.abs().max().item() or 1.0
+        if err64 <= 1e-9 * scale64:
+            return
+        # StarNet's element-wise products blow random activations up block by block, and with them the rounding
+        # differences of the stride-1 reference: what does a rounding-level difference at the site become?
+        eps = torch.finfo(torch.float64).eps
+        floor64 = (reference_forward(net64, x.double(), {site.index: phase}, noise=eps) - ref64).abs().max().item()
+        assert err64 <= 10 * floor64 and err64 <= 1e-3 * scale64, (
+            f"phase at '{site.name}' differs from the reference executor by {err:.3g} (float64: {err64:.3g} of "
+            f"{scale64:.3g}; rounding floor at the site {floor64:.3g})")
 
 
 def check_model(family: str, name: str, small: int | None = 96) -> ZooResult:
     """Builds ``name`` with random weights and checks it, at a ``small`` input if the model accepts one, else at
-    its default size."""
+    the smallest multiple of 112 from ``small`` on (a multiple of ViTs' patch sizes 14 and 16), else at its default
+    size; then the default search space must exist (``PhaseSearch`` refuses models with no site on the main
+    path)."""
     import timm
 
     start = time.perf_counter()
@@ -125,8 +155,9 @@ def check_model(family: str, name: str, small: int | None = 96) -> ZooResult:
         return result
     default_size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
     sizes = [default_size]
-    if small is not None and default_size[1] > small:
-        sizes.insert(0, (default_size[0], small, small))
+    if small is not None:
+        patches = math.lcm(14, 16) * -(-small // math.lcm(14, 16))
+        sizes = [(default_size[0], s, s) for s in sorted({small, patches}) if s < default_size[1]] + sizes
     torch.manual_seed(0)
     for k, size in enumerate(sizes):
         result.input_size = list(size)
@@ -144,7 +175,13 @@ def check_model(family: str, name: str, small: int | None = 96) -> ZooResult:
             result.sites = len(net.sites)
             result.main_sites = len(net.main_sites)
             result.factors = [f"{s.factor[0]}x{s.factor[1]}" + ("" if s.main_path else "*") for s in net.sites]
+            if not net.sites:
+                result.status = "no sites"
+                result.reason = ("no strided convolution, pooling or slicing (patches cut by a reshape are not one): "
+                                 "nothing to glean")
+                break
             check(net, model, torch.randn(2, *size))
+            PhaseSearch(net, budget=1, aggregate_on="logits")  # the default search space, as `eval` uses it
             result.status, result.reason = "works", ""
         except PolygleanError as err:
             result.status, result.reason = "refused", _first_line(err)

@@ -73,7 +73,8 @@ def format_table(info: dict[str, Any]) -> str:
     if list(largest) != list(info["total_factor"]):
         lines[0] += f" (largest path {largest[0]}x{largest[1]})"
     if not info["sites"]:
-        lines.append("no subsampling sites found: every layer keeps the full resolution, there is nothing to glean")
+        lines.append("no subsampling sites found: no strided convolution, pooling or slicing (patches cut by a "
+                     "reshape, as in NaFlexViT, are not one), so there is nothing to glean")
         return "\n".join(lines)
     rows = [("#", "site", "ops", "factor", "in -> out", "reduction", "path", "discarded", "FLOPs from site",
              "stitched OS")]
@@ -90,6 +91,9 @@ def format_table(info: dict[str, Any]) -> str:
         lines.append("  ".join(cell.ljust(wd) for cell, wd in zip(row, widths)).rstrip())
         if k == 0:
             lines.append("  ".join("-" * wd for wd in widths))
+    if not any(s.get("main_path", True) for s in info["sites"]):
+        lines.append("no site lies on the main path (the branches subsample in parallel): the default search refuses "
+                     "this model; name the sites to search (--search-space) and use --aggregate-on logits")
     return "\n".join(lines)
 
 

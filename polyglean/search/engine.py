@@ -171,6 +171,8 @@ class PhaseSearch:
         if aggregate_on not in ("features", "logits"):
             raise ArgumentError(f"aggregate_on must be 'features' or 'logits', got {aggregate_on!r}")
         if aggregate_on == "features" and net.head_segment is None:
+            if search_space is None:
+                self._space(None)  # a model with no site on its main path: that refusal comes first, naming them
             net.head(torch.empty(0))  # raises the explanatory error
         self.aggregate_on = aggregate_on
         self.align = bool(align) and aggregate_on == "features"

@@ -6,6 +6,8 @@ default, a phase at a middle site changes the output, and it matches the referen
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -118,6 +120,76 @@ def test_nfnet_traced_into_its_norm_free_blocks() -> None:
     check(net, model, torch.randn(2, 3, 64, 64))
 
 
+def test_starnet_float64_difference_is_the_models_rounding_floor() -> None:
+    """StarNet's star blocks multiply two branches element-wise: random activations grow block by block, and so
+    does any rounding difference. The phase op agrees with the stride-1 reference to rounding at the site; at the
+    output the float64 difference is what a one-epsilon perturbation of the site's output makes there (the rounding
+    floor), while a wrong phase is far beyond it."""
+    import copy
+
+    from tests.reference import reference_forward
+
+    model = build("starnet_s1").double()
+    x = torch.randn(2, 3, 96, 96, dtype=torch.float64)
+    net = PhaseNet(model, (3, 96, 96))
+    site = net.site("stages.1.0.conv")
+    # up to the end of stage 1 (the site and the blocks after it): equal to rounding
+    head = nn.Sequential(model.stem, model.stages[0], model.stages[1]).eval()
+    short = PhaseNet(head, (3, 96, 96))
+    with torch.no_grad():
+        moved = short(x, phases={short.sites[2].name: (1, 1)})
+    ref = reference_forward(short, x, {2: (1, 1)})
+    assert (moved - ref).abs().max() <= 1e-13 * ref.abs().max()
+    # at the output: amplified to far beyond 1e-9 of it, but within the rounding floor
+    with torch.no_grad():
+        moved = net(x, phases={site.name: (1, 1)})
+    ref = reference_forward(net, x, {site.index: (1, 1)})
+    eps = torch.finfo(torch.float64).eps
+    floor = (reference_forward(net, x, {site.index: (1, 1)}, noise=eps) - ref).abs().max()
+    err, scale = (moved - ref).abs().max(), ref.abs().max()
+    assert err > 1e-9 * scale and floor > 1e-9 * scale
+    assert err <= 10 * floor and err <= 1e-3 * scale
+    # a wrong phase breaks the rule: the check can fail
+    wrong = reference_forward(net, x, {site.index: (1, 0)})
+    assert (moved - wrong).abs().max() > 1e-3 * scale and (moved - wrong).abs().max() > 10 * floor
+    check(PhaseNet(copy.deepcopy(model).float(), (3, 96, 96)), copy.deepcopy(model).float(), x.float())
+
+
+def test_repvgg_random_logits_depend_on_the_input() -> None:
+    """timm's RepVGG initialisation (batch-norm weights ~ N(0.1, 0.1^2), random biases) leaves logits that do not
+    depend on the input; with lively()'s identity affine norms a phase at a middle site changes them."""
+    torch.manual_seed(0)
+    raw = timm.create_model("repvgg_b0", pretrained=False).eval()
+    x, y = torch.randn(2, 3, 96, 96), torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert (raw(x) - raw(y)).abs().max() < 1e-5 * raw(x).abs().max()
+    model = build("repvgg_b0")
+    with torch.no_grad():
+        assert (model(x) - model(y)).abs().max() > 1e-2 * model(x).abs().max()
+    check(PhaseNet(model, (3, 96, 96)), model, x)
+
+
+@pytest.mark.slow
+def test_tresnet_branch_and_shortcut_are_one_site() -> None:
+    """A TResNet block's anti-aliased strided branch and its pooled shortcut meet at the add: one site, on the main
+    path (each alone was once a site off it, and a phase in the branch, zeroed by timm's initialisation of its last
+    norm, changed nothing)."""
+    model = build("tresnet_l")
+    net = PhaseNet(model, (3, 96, 96))
+    assert [s.ops for s in net.sites][1] == ("body.layer3.0.downsample.0", "body.layer3.0.conv2.aa.conv2d")
+    assert all(s.main_path for s in net.sites)
+    check(net, model, torch.randn(2, 3, 96, 96))
+
+
+@pytest.mark.slow
+def test_naflexvit_has_no_strided_op() -> None:
+    """NaFlexViT cuts patches by a reshape and embeds them by a linear layer: no site, reported as such."""
+    from tests.zoo import check_model
+
+    result = check_model("naflexvit", "naflexvit_base_patch16_gap")
+    assert (result.status, result.sites) == ("no sites", 0), result
+
+
 @pytest.mark.slow
 def test_crossvit_default_search_is_refused_clearly() -> None:
     """Two patch sizes (12 and 16) in parallel branches: PhaseNet runs each exactly, but no site is on the main
@@ -129,6 +201,13 @@ def test_crossvit_default_search_is_refused_clearly() -> None:
     check(net, model, torch.randn(1, 3, 240, 240))
     with pytest.raises(ModelError, match="no subsampling site of CrossVit lies on its main path"):
         PhaseSearch(net, aggregate_on="logits")
+    # what the refusal suggests: name the sites, aggregate logits
+    search = PhaseSearch(net, budget=3, search_space=["patch_embed.0.proj"], aggregate_on="logits")
+    x = torch.randn(1, 3, 240, 240)
+    with torch.no_grad():
+        assert torch.equal(PhaseSearch(net, budget=1, search_space=["patch_embed.0.proj"],
+                                       aggregate_on="logits")(x), model(x))
+        assert search(x).shape == (1, 1000)
 
 
 @pytest.mark.parametrize("cls", ["StdConv2dSame", "ScaledStdConv2dSame"])
@@ -170,3 +249,33 @@ def test_padding_is_not_upsampling() -> None:
 
     net = PhaseNet(Block().eval(), (3, 16, 16))
     assert len(net.sites) == 1 and net.sites[0].reduction == (2, 2) and net.sites[0].main_path
+
+
+@pytest.mark.slow
+def test_crossvit_refusal_is_what_the_cli_shows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`polyglean inspect` lists both patch embeddings as off the main path; `polyglean eval` stops with one line
+    naming both, before any image is evaluated."""
+    from PIL import Image
+
+    from polyglean.cli.main import main
+
+    assert main(["inspect", "timm:crossvit_tiny_240", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[-1].startswith("no site lies on the main path") and "--search-space" in lines[-1]
+    rows = {line.split()[1]: line.split() for line in lines[3:-1]}
+    assert set(rows) == {"patch_embed.0.proj", "patch_embed.1.proj"}
+    assert rows["patch_embed.0.proj"][3] == "12x12" and rows["patch_embed.1.proj"][3] == "16x16"
+    assert all("off" in row for row in rows.values())
+    g = torch.Generator().manual_seed(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        pixels = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / cls / "0.png")
+    assert main(["eval", "--model", "timm:crossvit_tiny_240", "--random-weights", "--data", str(tmp_path),
+                 "--budgets", "1,4", "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith("polyglean eval: error: no subsampling site of CrossVit lies on its main path")
+    assert "patch_embed.0.proj (12, 12)" in err and "patch_embed.1.proj (16, 16)" in err
+    assert "search_space" in err

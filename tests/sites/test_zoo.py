@@ -26,16 +26,8 @@ FAST = {
     "hrnet": "hrnet_w18_small",
 }
 
-# Families whose smallest model fails one check with random weights, and why (reported in the README's table).
-KNOWN = {
-    "byobnet": "repvgg_b0 with random weights: a phase at a middle site does not change the output (its random "
-               "output barely depends on the input)",
-    "tresnet": "tresnet_l with random weights: a phase at a middle site does not change the output",
-    "naflexvit": "NaFlexViT embeds patches with a linear layer on a reshaped input: no strided op to find",
-    "starnet": "open: starnet_s1 blows random activations up to ~1e9; the phase differs from the reference by 1e-8 of "
-               "the output even in float64",
-}
-# Too large for CPU test budgets (over 150 s for one model on 2 cores); not checked.
+# Too large for a CPU test (45-50 s each on an idle core at 96 or 112 px: 300M and 400M parameters); the sweep
+# checks them.
 LARGE = {"deepseek_vit", "mobilenetv5"}
 
 
@@ -50,7 +42,8 @@ def test_representative_family(family: str) -> None:
 @pytest.mark.sweep
 @pytest.mark.parametrize("family", families())
 def test_every_family(family: str) -> None:
-    """Each family works, or is refused with a clear polyglean error (never another exception)."""
+    """Each family works, is refused with a clear polyglean error, or has no strided op (never another exception,
+    nor a failed check)."""
     if family in LARGE:
         pytest.skip(f"the smallest {family} model is too large for a CPU test")
     result = None
@@ -60,6 +53,4 @@ def test_every_family(family: str) -> None:
             break
     if result is None or result.status == "unbuildable":
         pytest.skip(f"no model of {family} builds offline with random weights")
-    if family in KNOWN:
-        pytest.xfail(KNOWN[family])
-    assert result.status in ("works", "refused"), f"{family} ({result.model}): {result.reason}"
+    assert result.status in ("works", "refused", "no sites"), f"{family} ({result.model}): {result.reason}"
