@@ -96,7 +96,7 @@ def atrous(model: nn.Module, sites: Sequence[str | int | Site] | str | int | Sit
                              f"the sites {[s.name for s in p.sites]}, so it cannot be dilated for one call only")
         site_call = [n for n in nodes if n in ops and ops[n][1] in chosen]
         ry, rx = factor_before(nodes[0])
-        if any(factor_before(n) != (ry, rx) for n in nodes):
+        if _spatial(module) and any(factor_before(n) != (ry, rx) for n in nodes):
             raise ModelError(f"cannot build the à trous network: layer '{target}' is called on maps of different "
                              "strides")
         if site_call:
