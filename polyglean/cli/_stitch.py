@@ -12,7 +12,8 @@ from typing import Any
 from polyglean.cli._common import Bars, load_model, names, refuse_repeats, table, write_results
 from polyglean.errors import ArgumentError
 
-FLAGS = ("stitch", "stitch_mode", "stitch_mask", "stitch_width", "stitch_threshold", "stitch_chunk")
+FLAGS = ("stitch", "stitch_mode", "stitch_mask", "stitch_width", "stitch_threshold", "stitch_chunk",
+         "stitch_no_register")
 """The ``--stitch*`` options (``None`` when not given)."""
 
 
@@ -54,13 +55,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="trimap widths of the edges mask, in cells of the model's output grid (default 2)")
     g.add_argument("--stitch-threshold", type=_floats, metavar="T[,T]",
                    help="confidence thresholds of the uncertain mask, in (0, 1] (default 0.5)")
+    g.add_argument("--stitch-no-register", action="store_true",
+                   help="score the finer map where the resize to the labels leaves it, not moved to where the native "
+                        "map's cells sit (by (S - S/R)/2 pixels: 2 for stride 8 made 4); for checking that shift")
     g.add_argument("--stitch-chunk", type=int, metavar="N",
                    help="phase mode: most phase states run at once (bounds memory; default all)")
 
 
 def given(args: argparse.Namespace) -> list[str]:
     """The ``--stitch*`` flags given."""
-    return [f"--{f.replace('_', '-')}" for f in FLAGS if getattr(args, f, None) is not None]
+    return [f"--{f.replace('_', '-')}" for f in FLAGS if getattr(args, f, None) not in (None, False)]
 
 
 def check(args: argparse.Namespace, default_budgets: object) -> tuple[str, ...]:
@@ -109,7 +113,8 @@ def config(args: argparse.Namespace, sites: tuple[str, ...]) -> Any:
         widths=tuple(args.stitch_width or [2]) if "edges" in masks else (),
         thresholds=tuple(args.stitch_threshold or [0.5]) if "uncertain" in masks else (),
         batch_size=args.batch_size,
-        workers=args.workers if args.workers != 1 else 0, chunk=args.stitch_chunk, seed=args.seed)
+        workers=args.workers if args.workers != 1 else 0, chunk=args.stitch_chunk,
+        register=not args.stitch_no_register, seed=args.seed)
     cfg.check()
     return cfg
 
@@ -139,7 +144,7 @@ def evaluate(args: argparse.Namespace, sites: tuple[str, ...], header: dict[str,
         **header, "labels": str(args.labels), "task": "segmentation-stitch",
         "config": {"stitch": report["sites"], "mode": cfg.mode, "factor": report["factor"],
                    "native_stride": report["native_stride"], "stride": report["stride"],
-                   "widths": list(cfg.widths), "thresholds": list(cfg.thresholds), "batch_size": cfg.batch_size,
+                   "registration_shift": report["registration_shift"], "widths": list(cfg.widths), "thresholds": list(cfg.thresholds), "batch_size": cfg.batch_size,
                    "limit": args.limit, "seed": args.seed, "sites": report["all_sites"],
                    "classes": list(preset.class_names), "ignore_index": preset.ignore_index,
                    "reference": "the native model; miou in percent; *_delta: paired bootstrap over images "

@@ -16,7 +16,10 @@ Two ways to make the output stride finer (:class:`StitchEvalConfig` ``mode``):
 Every row is scored with one confusion matrix over the set (mIoU, boundary mIoU within ``k`` pixels of label edges);
 its differences to the native model come with paired bootstrap intervals over images. Cost is measured: FLOPs with
 ``torch.utils.flop_counter`` and wall time per configuration. Logits at another size than the labels are resized
-bilinearly to the labels' size before the argmax.
+bilinearly to the labels' size before the argmax, and the finer map is moved to where the native map's cells sit
+(:meth:`StitchRunner.registration`): a bilinear resize places a stride-``S/R`` cell half a fine cell from its corner,
+while the phase cells belong where the stride-``S`` cells they extend were placed in training; left unmoved, CGNet's
+finer map is 2 pixels off and loses most of what it gains.
 
 Example:
     >>> cfg = StitchEvalConfig(sites=("level3_0.conv1x1.conv",), mode="atrous", widths=(4,))  # doctest: +SKIP
@@ -42,7 +45,7 @@ from polyglean.metrics_dense import DenseMeter, boundary_band, confusion_matrix,
 from polyglean.phase.net import PhaseNet
 from polyglean.phase.stitch import edge_mask, plan, stitch_masked, uncertain_mask
 
-__all__ = ["STITCH_MODES", "StitchEvalConfig", "StitchRunner", "evaluate_stitch"]
+__all__ = ["STITCH_MODES", "StitchEvalConfig", "StitchRunner", "evaluate_stitch", "translate"]
 
 STITCH_MODES = ("phase", "atrous")
 """``phase``: shift-and-stitch (exact); ``atrous``: the dilated network (global ops over the finer map)."""
@@ -61,6 +64,8 @@ class StitchEvalConfig:
         workers: Data-loading worker processes.
         bands: Boundary widths ``k`` (label pixels) for boundary / interior mIoU; the first gets an interval.
         chunk: Most phase states run at once (``phase`` mode; default all).
+        register: Move the finer map to where the native map's cells sit (:meth:`StitchRunner.registration`);
+            ``False`` scores it as the resize leaves it.
         seed: Seed of the bootstrap.
     """
 
@@ -72,6 +77,7 @@ class StitchEvalConfig:
     workers: int = 0
     bands: tuple[int, ...] = (3,)
     chunk: int | None = None
+    register: bool = True
     seed: int = 0
 
     def check(self) -> None:
@@ -169,15 +175,46 @@ class StitchRunner:
         res = stitch_masked(self.net, x, self.sites, lambda out: fn(_logits(out)), chunk=self.config.chunk)
         return _logits(res.output), res.mask
 
-    def mix(self, plain: Tensor, fine: Tensor, kind: str, value: float) -> tuple[Tensor, Tensor]:
-        """``atrous`` mode: the finer logits inside the mask, the plain ones (repeated) outside."""
-        (h, w), (fh, fw) = plain.shape[-2:], fine.shape[-2:]
-        if fh % h or fw % w:
-            raise ModelError(f"the finer output {fh}x{fw} is not a multiple of the plain one {h}x{w}")
-        factor = (fh // h, fw // w)
-        mask = self.mask_fn(kind, value, factor)(plain)
-        coarse = plain.repeat_interleave(factor[0], -2).repeat_interleave(factor[1], -1)
-        return torch.where(mask[:, None], fine, coarse), mask
+    def plain_mask(self, plain: Tensor, kind: str, value: float) -> Tensor:
+        """``atrous`` mode: the mask on the plain output's grid (width in its cells)."""
+        return self.mask_fn(kind, value, (1, 1))(plain)
+
+    def registration(self, x: Tensor, label_size: tuple[int, ...]) -> tuple[float, float]:
+        """How far (label pixels, down and right) the finer map must move to sit where the native one does.
+
+        A coarse cell ``i`` at stride ``S`` that a bilinear resize (``align_corners=False``) brings to the labels
+        lands at ``S i + (S - 1) / 2``, and the trained weights learned their outputs there. A finer cell
+        ``j = R i + d`` holds the phase-``d`` output, the native cell's content moved by ``d S / R``: it belongs at
+        ``(S / R) j + (S - 1) / 2``, but the same resize puts it at ``(S / R) j + (S / R - 1) / 2``. The difference,
+        ``S (R - 1) / (2 R)`` (2 pixels for stride 8 made 4, 3 for 8 made 2), is the registration shift.
+        """
+        scale = (label_size[0] / x.shape[-2], label_size[1] / x.shape[-1])
+        return tuple((n - f) / 2 * k for n, f, k in zip(self.native_stride, self.stride, scale))  # type: ignore
+
+
+def translate(maps: Tensor, shift: Sequence[float]) -> Tensor:
+    """``maps`` moved by ``shift = (down, right)`` pixels (fractions interpolate linearly), edges replicated.
+
+    Shape:
+        - maps: ``(N, C, H, W)``; output: the same.
+    """
+    out = maps
+    for dim, s in ((-2, float(shift[0])), (-1, float(shift[1]))):
+        if s == 0:
+            continue
+        lo = int(s // 1)
+        frac = s - lo
+        out = (1 - frac) * _roll(out, lo, dim) + (frac * _roll(out, lo + 1, dim) if frac else 0)
+    return out
+
+
+def _roll(maps: Tensor, k: int, dim: int) -> Tensor:
+    """Moves ``maps`` by ``k`` whole pixels along ``dim`` (positive: towards higher indices), edges replicated."""
+    if k == 0:
+        return maps
+    n = maps.shape[dim]
+    idx = (torch.arange(n, device=maps.device) - k).clamp(0, n - 1)
+    return maps.index_select(dim, idx)
 
 
 @dataclass
@@ -256,6 +293,7 @@ def evaluate_stitch(model: nn.Module, dataset: Dataset, config: StitchEvalConfig
         rows[("uncertain", t)] = row("uncertain", t, runner.stride, runner.sites)
 
     counted: dict[tuple[str, tuple[int, ...]], float] = {}
+    shift: tuple[float, float] = (0.0, 0.0)
     loader = make_loader(dataset, batch_size=config.batch_size, workers=config.workers)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -273,21 +311,29 @@ def evaluate_stitch(model: nn.Module, dataset: Dataset, config: StitchEvalConfig
                 return out, seconds, counted[(key, shape)]
 
             plain, s_plain, f_plain = cost("native", lambda: runner.native(x))
-            ref = _predict(plain, label_size)
+            plain_l = _resize(plain, label_size)
+            ref = plain_l.argmax(1).cpu()
             _score(rows[("none", None)], ref, y, None, band_k, ignore_index, num_classes, f_plain, s_plain, 0.0)
+            shift = runner.registration(x, label_size) if config.register else (0.0, 0.0)
             fine, s_fine, f_fine = cost("full", lambda: runner.full(x))
-            _score(rows[("full", None)], _predict(fine, label_size), y, ref, band_k, ignore_index, num_classes, f_fine,
+            fine_l = translate(_resize(fine, label_size), shift)
+            _score(rows[("full", None)], fine_l.argmax(1).cpu(), y, ref, band_k, ignore_index, num_classes, f_fine,
                    s_fine, 1.0)
             for (kind, value), r in rows.items():
                 if kind not in ("edges", "uncertain"):
                     continue
                 if runner.fine is None:
                     (out, mask), seconds, flops = _timed(lambda: runner.masked(x, kind, value), True)
+                    out_l = translate(_resize(out, label_size), shift)
+                    mask_l = translate(_resize(mask[:, None].float(), label_size, "nearest"), shift)[:, 0] > 0.5
                 else:
                     t0 = time.perf_counter()
-                    out, mask = runner.mix(plain, fine, kind, value)
+                    mask = runner.plain_mask(plain, kind, value)
+                    mask_l = _resize(mask[:, None].float(), label_size, "nearest")[:, 0] > 0.5
+                    out_l = fine_l
                     seconds, flops = s_plain + s_fine + time.perf_counter() - t0, f_plain + f_fine
-                _score(r, _predict(out, label_size), y, ref, band_k, ignore_index, num_classes, flops, seconds,
+                pred = torch.where(mask_l[:, None], out_l, plain_l).argmax(1).cpu()
+                _score(r, pred, y, ref, band_k, ignore_index, num_classes, flops, seconds,
                        float(mask.float().mean()) * x.shape[0])
             done += x.shape[0]
             if progress is not None:
@@ -309,14 +355,16 @@ def evaluate_stitch(model: nn.Module, dataset: Dataset, config: StitchEvalConfig
         out_rows.append(entry)
     return {"results": out_rows, "num_images": done, "sites": runner.sites, "factor": list(runner.factor),
             "native_stride": list(runner.native_stride), "stride": list(runner.stride), "mode": config.mode,
-            "all_sites": [s.name for s in runner.net.sites]}
+            "registration_shift": list(shift), "all_sites": [s.name for s in runner.net.sites]}
 
 
-def _predict(logits: Tensor, size: tuple[int, ...]) -> Tensor:
-    """Class per pixel at the labels' size (bilinear resize of the logits where they differ)."""
-    if tuple(logits.shape[-2:]) != size:
-        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-    return logits.argmax(1).cpu()
+def _resize(maps: Tensor, size: tuple[int, ...], mode: str = "bilinear") -> Tensor:
+    """``maps`` at the labels' size (bilinear, ``align_corners=False``; nearest for masks) where they differ."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    if mode == "nearest":
+        return F.interpolate(maps, size=size, mode="nearest")
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
 def _score(r: _Row, pred: Tensor, y: Tensor, ref: Tensor | None, k: int, ignore_index: int | None,
