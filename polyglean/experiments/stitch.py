@@ -132,7 +132,7 @@ class StitchRunner:
         config.check()
         self.model, self.config = model, config
         self.net = PhaseNet(model, input_size)
-        sites = [int(s) if isinstance(s, str) and s.lstrip("-").isdigit() else s for s in config.sites]
+        sites = [self._site(s) for s in config.sites]
         try:
             stitch_plan = plan(self.net, sites, for_atrous=config.mode == "atrous")
         except ModelError as err:
@@ -153,6 +153,15 @@ class StitchRunner:
         last = max(main, key=lambda s: s.reduction[0] * s.reduction[1])
         self.native_stride = tuple(last.reduction)
         self.stride = (self.native_stride[0] / self.factor[0], self.native_stride[1] / self.factor[1])
+
+    def _site(self, key: str | int) -> str | int:
+        """A site name as given, or an index given as text ("3") where no site has that name."""
+        if isinstance(key, str) and key.lstrip("-").isdigit():
+            try:
+                self.net.site(key)
+            except ArgumentError:
+                return int(key)
+        return key
 
     def native(self, x: Tensor) -> Tensor:
         """The model's logits."""
