@@ -134,8 +134,9 @@ def evaluate(args: argparse.Namespace, sites: tuple[str, ...], header: dict[str,
     runner = StitchRunner(model, cfg, preprocess.input_size)  # refuses bad sites / layers before any image
     dataset: Any = SegmentationDataset(args.data, args.labels, preprocess, num_classes=preset.num_classes,
                                        ignore_index=preset.ignore_index)
-    if args.limit is not None and args.limit < len(dataset):
-        dataset = Subset(dataset, list(range(args.limit)))
+    if args.limit is not None and args.limit < len(dataset):  # evenly spread: CamVid's neighbours are one video
+        n = len(dataset)
+        dataset = Subset(dataset, sorted({round(i * (n - 1) / max(1, args.limit - 1)) for i in range(args.limit)}))
     with Bars(args.model, not args.no_progress) as bars:
         report = evaluate_stitch(model, dataset, cfg, num_classes=preset.num_classes,
                                  ignore_index=preset.ignore_index, runner=runner,
