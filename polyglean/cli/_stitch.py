@@ -190,14 +190,14 @@ def plot(payloads: list[dict[str, Any]], path: str) -> None:
     markers = {"none": "o", "full": "s", "edges": "^", "uncertain": "v"}
     for ax, key, label in ((axes[0], "miou", "mIoU (%)"), (axes[1], "boundary_miou_k3", "boundary mIoU, 3 px (%)")):
         for payload in payloads:
-            sites = ",".join(payload["config"]["stitch"])
             for r in payload["results"]:
+                stride = f"OS {r['output_stride'][0]:g}"
                 if r["stitch"] == "none":
-                    name = "native"
+                    name = f"native ({stride})"
                 elif r["mask_param"] is None:
-                    name = f"finer at {sites}"
+                    name = f"{stride}: everywhere"
                 else:
-                    name = f"{r['stitch']} {r['mask_param']:g} ({sites})"
+                    name = f"{stride}: {r['stitch']} {r['mask_param']:g}"
                 d = r.get("miou_delta" if key == "miou" else f"{key}_delta")
                 err = None if d is None else [[d["delta"] - d["low"]], [d["high"] - d["delta"]]]
                 ax.errorbar(r["gflops_per_image"], r[key], yerr=err, fmt=markers[r["stitch"]], label=name,
