@@ -136,6 +136,14 @@ class StitchRunner:
         try:
             stitch_plan = plan(self.net, sites, for_atrous=config.mode == "atrous")
         except ModelError as err:
+            if config.mode == "atrous":
+                raise
+            from polyglean.phase.atrous import atrous
+
+            try:  # would the à trous network do? say so, or why not
+                atrous(model, sites, input_size=input_size)
+            except (ArgumentError, ModelError) as other:
+                raise ModelError(f"{err} (The à trous network is refused too: {other})") from None
             raise ModelError(f"{err} Or run the à trous network instead (mode 'atrous', CLI --stitch-mode atrous), "
                              "which takes such an op over the finer map: a different network than the trained "
                              "model's phases") from None

@@ -56,7 +56,7 @@ def test_stitch_refused_for_a_classifier(tmp_path: Path, capsys: pytest.CaptureF
      "site 'level3_0.conv1x1.conv' lies after"),
     ("camvid-espnet", ["--stitch", "encoder.level3_0.c1.conv", "--stitch-mode", "atrous"],
      "layer 'up_l3.0' (ConvTranspose2d)"),
-    ("camvid-espnet", ["--stitch", "encoder.level3_0.c1.conv"], "changes the map's size"),
+    ("camvid-espnet", ["--stitch", "encoder.level3_0.c1.conv"], "The à trous network is refused too"),
 ])
 def test_model_refusals_name_the_layer(tmp_path: Path, capsys: pytest.CaptureFixture[str], model: str,
                                        extra: list[str], message: str) -> None:
