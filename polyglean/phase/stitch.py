@@ -18,7 +18,8 @@ Rules (checked before any work):
 - Every op after the first stitched site must be local: a global pooling, a normalisation over the whole map
   (GroupNorm, InstanceNorm), a resize to a fixed size, a flatten — anything whose output's spatial size is not its
   input's — sees a different map at the coarse grid than the à trous network would, and is refused, by name.
-  Stitch a model truncated before it (its backbone's final feature map) instead.
+  Stitch a model truncated before it (its backbone's final feature map) instead, or build the à trous network
+  (:func:`polyglean.phase.atrous.atrous`), which takes such an op over the finer map (a different network).
 - Sizes: the stitched map has every phase's every cell, ``(R_h h, R_w w)`` for a coarse output of ``(h, w)``.
   It equals the à trous network's output exactly when each stitched site's stride-1 map is a multiple of its
   factor (e.g. an input size divisible by the model's total reduction). Otherwise the à trous map is smaller and
