@@ -186,31 +186,42 @@ def plot(payloads: list[dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
-    markers = {"none": "o", "full": "s", "edges": "^", "uncertain": "v"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    shades = {"edges": plt.cm.Greens, "uncertain": plt.cm.Reds}
+    markers = ("s", "D", "p", "h")
+    span = max(r["gflops_per_image"] for p in payloads for r in p["results"]) * 0.012
     for ax, key, label in ((axes[0], "miou", "mIoU (%)"), (axes[1], "boundary_miou_k3", "boundary mIoU, 3 px (%)")):
-        for payload in payloads:
-            for r in payload["results"]:
+        for k, payload in enumerate(payloads):
+            rows = payload["results"]
+            for r in rows:
                 stride = f"OS {r['output_stride'][0]:g}"
-                if r["stitch"] == "none":
-                    name = f"native ({stride})"
+                kind, x = r["stitch"], r["gflops_per_image"]
+                if kind == "none":
+                    if k:
+                        continue
+                    name, color, marker = f"native ({stride})", "black", "o"
                 elif r["mask_param"] is None:
-                    name = f"{stride}: everywhere"
+                    name, color, marker = f"{stride}: everywhere", "tab:blue", markers[k % len(markers)]
                 else:
-                    name = f"{stride}: {r['stitch']} {r['mask_param']:g}"
+                    same = [q["mask_param"] for q in rows if q["stitch"] == kind]
+                    pos = same.index(r["mask_param"])
+                    name = f"{stride}: {kind} {r['mask_param']:g}"
+                    color = shades[kind](0.45 + 0.5 * pos / max(1, len(same) - 1))
+                    marker = markers[k % len(markers)]
+                    x += span * (pos + 1) * (1 if kind == "uncertain" else -1)  # spread for legibility
                 d = r.get("miou_delta" if key == "miou" else f"{key}_delta")
                 err = None if d is None else [[d["delta"] - d["low"]], [d["high"] - d["delta"]]]
-                ax.errorbar(r["gflops_per_image"], r[key], yerr=err, fmt=markers[r["stitch"]], label=name,
-                            capsize=2, ms=5)
+                ax.errorbar(x, r[key], yerr=err, fmt=marker, color=color, label=name, capsize=2, ms=5)
         ax.set_xlabel("GFLOPs per image (measured)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     seen = dict(zip(labels, handles))
-    axes[1].legend(seen.values(), seen.keys(), fontsize=7, loc="best")
+    fig.legend(seen.values(), seen.keys(), fontsize=7, loc="outside right center")
     first = payloads[0]
     fig.suptitle(f"{first['model']}: finer output stride ({first['config']['mode']}), {first['num_images']} images; "
-                 "bars: 95% interval of the change against native", fontsize=9)
+                 "bars: 95% interval of the change against native; masked rows drawn slightly left (edges) and "
+                 "right (uncertain) of their measured cost", fontsize=8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
