@@ -12,7 +12,7 @@ difference, per block), and the mIoU of
 - à trous with every f_glo after the site given the native model's channel weights: the phases' outputs
   interleaved with the trained model's own global context (exactly shift-and-stitch of a model whose f_glo
   weights are fixed per image), registered;
-- à trous unregistered.
+- à trous unregistered, and moved by other amounts than the registration shift (1, 3, 4 px).
 
     PYTHONPATH=$PWD python scripts/stitch_context.py --data ../shared/data/camvid --images 12 \
         --json runs/stitch-context.json
@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                 outs["atrous, registered"] = translate(a, (shift, shift))
                 outs["atrous, native f_glo weights, registered"] = translate(frozen, (shift, shift))
                 outs["atrous, unregistered"] = a
+                for k in (1, 3, 4):  # the registration shift is (8 - 8/R) / 2; others for comparison
+                    if k != shift:
+                        outs[f"atrous, moved {k} px"] = translate(a, (k, k))
                 band = boundary_band(y[None], 3)[0]
                 for k, v in outs.items():
                     pred = v.argmax(1)[0]
