@@ -182,6 +182,8 @@ class StitchRunner:
         return _logits(self.net.stitch(x, self.sites, chunk=self.config.chunk))
 
     def mask_fn(self, kind: str, value: float, factor: tuple[int, int]) -> Callable[[Tensor], Tensor]:
+        """The mask of ``kind`` (``edges`` of width ``value``, ``uncertain`` below ``value``) from plain logits, on
+        the grid ``factor`` times finer."""
         if kind == "edges":
             return lambda plain: edge_mask(plain, factor, int(value))
         return lambda plain: uncertain_mask(plain, factor, float(value))
