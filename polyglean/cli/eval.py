@@ -27,6 +27,7 @@ from polyglean.cli._common import (
     table,
     write_results,
 )
+from polyglean.cli import _stitch
 from polyglean.errors import ArgumentError
 
 PARTS = ("all", "even", "odd")
@@ -34,6 +35,8 @@ TTA_FLAGS = ("tta_policy", "tta_budget", "tta_fit_data", "tta_fit_limit", "tta_f
              "tta_data_part",
              "tta_weights", "tta_save", "tta_cache", "tta_seed")
 """Flags that mean something only with ``--tta``: refused without it."""
+DEFAULT_BUDGETS = [1, 4, 10, 15]
+"""``--budgets``' default, this object when the flag is not given (``--stitch`` refuses a given one)."""
 
 
 def _subset(text: str) -> tuple[int, int]:
@@ -59,7 +62,7 @@ def add_parser(sub: Any, name: str) -> None:
     )
     add_model_arguments(p)
     p.add_argument("--data", required=True, help="class folders, or images/ + labels.csv (file,class_index)")
-    p.add_argument("--budgets", type=int_list("--budgets"), default=[1, 4, 10, 15],
+    p.add_argument("--budgets", type=int_list("--budgets"), default=DEFAULT_BUDGETS,
                    help="comma-separated (default 1,4,10,15)")
     p.add_argument("--criterion", default="entropy", choices=CRITERIA.names())
     p.add_argument("--aggregate", default="entropy",
@@ -108,6 +111,7 @@ def add_parser(sub: Any, name: str) -> None:
     _add_shift_arguments(p)
     _add_dense_arguments(p)
     _add_adaptive_arguments(p)
+    _stitch.add_arguments(p)
 
 
 def _add_adaptive_arguments(p: argparse.ArgumentParser) -> None:
@@ -590,9 +594,9 @@ def run(args: argparse.Namespace) -> int:
     """Checks the options, runs the evaluation, prints the table, writes JSON (and a plot)."""
     if _is_dense(args):
         return run_dense(args)
-    if args.labels or args.seg_tta or args.seg_tta_budget is not None:
-        raise ArgumentError(f"--labels, --seg-tta and --seg-tta-budget are for segmentation models; {args.model} "
-                            "is not one (e.g. --model camvid-espnet)")
+    if args.labels or args.seg_tta or args.seg_tta_budget is not None or _stitch.given(args):
+        raise ArgumentError(f"--labels, --seg-tta, --seg-tta-budget and --stitch* are for segmentation models; "
+                            f"{args.model} is not one (e.g. --model camvid-cgnet)")
     _check(args)
     if wants_tta(args):
         from polyglean.tta import save_fitted
@@ -800,6 +804,10 @@ def plot_dense(payload: dict[str, Any], path: str) -> None:
 
 def run_dense(args: argparse.Namespace) -> int:
     """The segmentation path of ``polyglean eval``."""
+    sites = _stitch.check(args, DEFAULT_BUDGETS)
+    if sites:
+        _check_dense(args)
+        return _stitch.run(args, sites, _header(args))
     payload = evaluate_dense(args)
     print(format_dense(payload))
     write_results(args.json_out, {k: v for k, v in payload.items() if not k.startswith("_")})

@@ -18,7 +18,8 @@ Rules (checked before any work):
 - Every op after the first stitched site must be local: a global pooling, a normalisation over the whole map
   (GroupNorm, InstanceNorm), a resize to a fixed size, a flatten — anything whose output's spatial size is not its
   input's — sees a different map at the coarse grid than the à trous network would, and is refused, by name.
-  Stitch a model truncated before it (its backbone's final feature map) instead.
+  Stitch a model truncated before it (its backbone's final feature map) instead, or build the à trous network
+  (:func:`polyglean.phase.atrous.atrous`), which takes such an op over the finer map (a different network).
 - Sizes: the stitched map has every phase's every cell, ``(R_h h, R_w w)`` for a coarse output of ``(h, w)``.
   It equals the à trous network's output exactly when each stitched site's stride-1 map is a multiple of its
   factor (e.g. an input size divisible by the model's total reduction). Otherwise the à trous map is smaller and
@@ -196,12 +197,15 @@ def _below(net: PhaseNet) -> dict[int, frozenset[int]]:
     return below
 
 
-def plan(net: PhaseNet, sites: Sequence[str | int | Site] | str | int | Site) -> StitchPlan:
+def plan(net: PhaseNet, sites: Sequence[str | int | Site] | str | int | Site, *, for_atrous: bool = False) -> StitchPlan:
     """Checks that ``sites`` can be stitched and works out how.
 
     Args:
         net: The model.
         sites: Site names, indices or :class:`Site` records (one, or a sequence).
+        for_atrous: Skip the checks that only interleaving needs (an op after the sites that sees the whole map;
+            maps meeting from different sites), for the à trous rewrite (:func:`polyglean.phase.atrous.atrous`),
+            which takes global ops over the finer map and checks the rewritten model's shapes itself.
 
     Raises:
         ArgumentError: no site, an unknown site, or a set that is not a suffix of the model's strided sites.
@@ -228,8 +232,9 @@ def plan(net: PhaseNet, sites: Sequence[str | int | Site] | str | int | Site) ->
     chosen.sort(key=lambda i: (len(below[i]), i))  # dataflow order: the first stitched site is upstream
     picked = tuple(all_sites[i] for i in chosen)
     deps = _graph_deps(net, set(chosen))
-    _check_local(net, deps, picked[0])
-    _check_merges(net, deps)
+    if not for_atrous:
+        _check_local(net, deps, picked[0])
+        _check_merges(net, deps)
     stages: list[tuple[int, list[int]]] = []
     for s in picked:
         seg = net.entry_segment(s)
