@@ -7,10 +7,14 @@ fixed shuffled order that ``--subset`` uses), then
    test part, accuracy against mean cost (forward equivalents, measured per image) for every fixed budget and for
    the confidence stop rule at every threshold (the curve), and runs the adaptive search for real at the costs
    calibrated on the fit part to a half and a third of the best fixed budget's extra cost;
-2. for each K of ``--states``, chooses K states on the fit part, builds the ``PhaseEnsemble``, exports it to ONNX,
-   and reports its test accuracy against the plain model and the search at B = K (paired intervals), and its
-   latency in eager PyTorch and onnxruntime against the plain model (batch 1 and 32, median of repeats, one
-   process, interleaved).
+2. for each K of ``--states``, chooses K states on the fit part (among all states of the search space when it has
+   at most 16, else among the 16 the search above kept most often on the fit part), builds the ``PhaseEnsemble``,
+   exports it to ONNX, and reports its test accuracy against the plain model and the search at B = K (paired
+   intervals), and its latency in eager PyTorch and onnxruntime against the plain model (batch 1 and 32, median
+   of repeats, one process, interleaved).
+
+The best fixed budget is the most accurate one on the test part (``--choose-on test``, the default) or, without
+looking at the test images, on the fit part (``--choose-on fit``).
 
     python scripts/deploy_table.py --model cifar10-resnet20 --data ../shared/data/cifar10/test \
         --fit 0:2500 --test 2500: --json runs/deploy/r20.json --plot runs/deploy/r20.png
@@ -23,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +38,7 @@ from tqdm import tqdm
 from polyglean.data import ImageDataset, parse_subset, subset_dataset
 from polyglean.export import PhaseEnsemble
 from polyglean.export.formats import export_module
-from polyglean.export.select import collect_features, search_pool, select_states, space_states
+from polyglean.export.select import collect_features, select_states, space_states
 from polyglean.io import write_json
 from polyglean.models import load_model
 from polyglean.phase.net import PhaseNet
@@ -44,14 +49,16 @@ from polyglean.stats import mcnemar, paired_bootstrap
 
 
 def run_search(search: PhaseSearch, loader: DataLoader, budgets: list[int], desc: str) -> dict[str, Any]:
-    """Per image: correct at each budget, cost at each budget (forward equivalents), plain confidence; seconds."""
+    """Per image: correct and cost (forward equivalents) at each budget, plain confidence; seconds; the states kept."""
     correct: dict[int, list] = {b: [] for b in {1, *budgets}}
     cost: dict[int, list] = {b: [] for b in {1, *budgets}}
     conf, labels = [], []
     seconds = dict.fromkeys({1, *budgets}, 0.0)
     budgets = sorted({1, *budgets})
+    kept: Counter[tuple[int, ...]] = Counter()
     for x, y in tqdm(loader, desc=desc, file=sys.stderr, leave=False):
         r = search.run(x, budgets=budgets)
+        kept.update(tuple(s) for s in r.states.flatten(0, 1).tolist())
         per_forward = r.forward_flops / x.shape[0]
         for b in budgets:
             correct[b].append(r.logits[b].argmax(-1) == y)
@@ -60,7 +67,7 @@ def run_search(search: PhaseSearch, loader: DataLoader, budgets: list[int], desc
         conf.append(ConfidenceStop.confidence(r.logits[1]))
         labels.append(y)
     return {"correct": {b: torch.cat(v) for b, v in correct.items()}, "cost": {b: torch.cat(v) for b, v in cost.items()},
-            "conf": torch.cat(conf), "labels": torch.cat(labels), "seconds": seconds}
+            "conf": torch.cat(conf), "labels": torch.cat(labels), "seconds": seconds, "kept": kept}
 
 
 def interval(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
@@ -124,18 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     best = fixed[top_b - 1]
     out["best_fixed"], out["best_chosen_on"] = top_b, args.choose_on
     curve = []
-    for q in torch.linspace(0, 1, 41).tolist():
+    for q in torch.linspace(0, 1, 41).tolist():  # the last point: nobody stops (many confidences are exactly 1)
         thr = float(torch.quantile(t["conf"], q)) if q > 0 else 0.0
-        stop = t["conf"] >= thr
+        stop = t["conf"] >= thr if q < 1 else torch.zeros_like(t["conf"], dtype=torch.bool)
         right = torch.where(stop, plain, t["correct"][top_b])
         cost = torch.where(stop, torch.ones_like(t["cost"][top_b]), t["cost"][top_b])
-        curve.append({"threshold": thr, "top1": 100 * float(right.float().mean()), "cost": float(cost.mean())})
+        curve.append({"threshold": thr if q < 1 else None, "top1": 100 * float(right.float().mean()),
+                      "cost": float(cost.mean())})
     out["adaptive_curve"] = curve
 
     # the adaptive search for real, its threshold calibrated on the fit part (from the fit search above: the
     # plain confidence and the measured cost of the search to the best budget, per fit image)
     extra = best["cost"] - 1.0
     real = []
+    # per test image (in the order of --test), so that two runs with swapped parts can be pooled (deploy_pool.py)
+    per_image = {"plain_correct": plain.int().tolist(), "best_fixed_correct": t["correct"][top_b].int().tolist(),
+                 "best_fixed_cost": [round(v, 5) for v in t["cost"][top_b].tolist()]}
     for name, share in (("half", 0.5), ("third", 1 / 3)):
         target = 1.0 + share * extra
         thr = calibrate_threshold(f["conf"], f["cost"][top_b], target)
@@ -148,12 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         a = run_search(adaptive, test_loader, [top_b], f"adaptive {name}")
         right = a["correct"][top_b]
         gain = 100 * float(right.float().mean() - plain.float().mean())
+        per_image[f"adaptive_{name}_correct"] = right.int().tolist()
+        per_image[f"adaptive_{name}_cost"] = [round(v, 5) for v in a["cost"][top_b].tolist()]
         real.append({"share_of_extra_cost": name, "calibration": info, "top1": 100 * float(right.float().mean()),
                      "cost": float(a["cost"][top_b].mean()), "seconds": a["seconds"][top_b],
                      "stopped_at_1": float((t["conf"] >= thr).float().mean()),
                      "gain_kept": gain / (best["top1"] - fixed[0]["top1"]) if best["top1"] != fixed[0]["top1"] else None,
                      **interval(plain, right), "vs_best_fixed": interval(t["correct"][top_b], right)})
-    out["adaptive_real"] = real
+    out["adaptive_real"], out["per_image"] = real, per_image
     out["seconds_fixed"] = t["seconds"]
 
     # 2. exported ensembles
@@ -164,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         states_all = space_states(net, space)
         if len(states_all) <= 16:
             pool = states_all
-        else:
-            pool = search_pool(net, (x for x, _ in fit_loader), space, 16)
+        else:  # the 16 states the search above kept most often on the fit part, the default first
+            zero = tuple([0] * len(net.sites))
+            pool = [zero] + [s for s, _ in f["kept"].most_common() if s != zero][:15]
         feats, logits, labels = collect_features(net, fit_loader, pool)
         example_1 = next(iter(DataLoader(test, batch_size=1)))[0]
         example_32 = next(iter(DataLoader(test, batch_size=32)))[0]
@@ -238,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([r["cost"] for r in fixed], [r["top1"] for r in fixed], "o-", label="fixed budget B=1..")
         ax.plot([r["cost"] for r in curve], [r["top1"] for r in curve], "-", label=f"confidence stop (B={top_b})")
-        ax.plot([r["cost"] for r in real], [r["top1"] for r in real], "s", label="adaptive, calibrated on fit part")
+        ax.plot([r["cost"] for r in real], [r["top1"] for r in real], "s",
+                label=f"adaptive, calibrated on the fit part\nto 1/2 and 1/3 of B={top_b}'s extra cost")
         for rows, color in ((fixed, "C0"), (real, "C2")):  # the paired 95% interval of the change vs plain
             for r in rows:
                 ax.errorbar(r["cost"], r["top1"], yerr=[[r["delta"] - r["low"]], [r["high"] - r["delta"]]],
@@ -249,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_ylabel("top-1 (%)")
         where = "/".join(Path(args.data).resolve().parts[-2:])
         ax.set_title(f"{args.model} on {where}: {len(test)} held-out images", fontsize=10)
-        ax.legend()
+        ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.plot, dpi=120)
