@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                      **interval(plain, right), "vs_best_fixed": interval(t["correct"][top_b], right)})
     out["adaptive_real"], out["per_image"] = real, per_image
     out["seconds_fixed"] = t["seconds"]
+    write_json(args.json, out)  # part 1 is kept should the exports not finish
 
     # 2. exported ensembles
     ks = [] if args.states == "none" else [int(v) for v in args.states.split(",")]
