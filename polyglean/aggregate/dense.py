@@ -82,6 +82,16 @@ class MapAttentionAggregator(MapAggregator):
         self.module = module.eval()
         self.chunk = chunk
 
+    def flops(self, images: int, budget: int, pixels: int) -> float:
+        """Multiply-adds x 2 of aggregating ``budget`` candidates at ``pixels`` pixels of ``images`` images: per
+        token the query/key/value projection and the MLP, per pixel the ``B x B`` attention (norms, codes and the
+        softmax left out). Per pixel this is far more than a classifier's head, so it is counted in the cost."""
+        cfg = self.module.config
+        c, d, hidden = cfg["channels"], cfg["dim"], cfg["hidden"]
+        per_token = 2 * (c * 3 * d + d * hidden + hidden * c)
+        per_pixel = budget * per_token + 4 * budget * budget * d
+        return float(images) * pixels * per_pixel
+
     @torch.no_grad()
     def combine(self, maps: Tensor, valid: Tensor, shift: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """Aggregated logits per pixel.

@@ -215,6 +215,8 @@ def evaluate_segmentation(model: nn.Module, dataset: Dataset, config: DenseEvalC
                 pred = _predict(search.combine(result, b, aggregate=agg, align=al), num_classes)
                 row.meter.update(pred, y, ref)
                 row.flops += result.flops_by_budget[b]
+                if a == "learned":  # the attention at every pixel costs a sizeable part of a forward: counted
+                    row.flops += config.learned.flops(x.shape[0], b, x.shape[-2] * x.shape[-1])
                 row.seconds += result.seconds_by_budget[b] + time.perf_counter() - t0
                 if b == top and len(row.maps) < config.keep_maps:
                     row.maps.extend(pred[: config.keep_maps - len(row.maps)])
@@ -225,7 +227,7 @@ def evaluate_segmentation(model: nn.Module, dataset: Dataset, config: DenseEvalC
                 row = rows[("learned@default",)]
                 row.meter.update(_predict(config.learned.combine(alone, cover, shift=result.shift[:, :1]),
                                           num_classes), y, ref)
-                row.flops += result.forward_flops
+                row.flops += result.forward_flops + config.learned.flops(x.shape[0], 1, x.shape[-2] * x.shape[-1])
                 row.seconds += result.seconds_by_budget.get(1, 0.0) + time.perf_counter() - t0
             for name in config.tta:
                 scales, flip = TTA_POLICIES[name]

@@ -171,3 +171,9 @@ def test_cli_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         assert main(argv) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "a.pt").exists()
+
+
+def test_flops_count_the_attention() -> None:
+    agg = MapAttentionAggregator(AttentionAggregator(12, (7, 7), dim=32, heads=4))  # hidden 64
+    per_token = 2 * (12 * 96 + 32 * 64 + 64 * 12)
+    assert agg.flops(2, 4, 100) == 2 * 100 * (4 * per_token + 4 * 16 * 32)
