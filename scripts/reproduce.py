@@ -630,7 +630,7 @@ def _camvid_agg_argv(ctx: Context) -> list[str]:
     subset = CAMVID_AGG_SUBSET if ctx.limit is None else f"0:{ctx.limit + 1}"
     return ["-m", "polyglean", "train-aggregator", "--model", "camvid-espnet", "--data", str(ctx.data / "camvid/train"),
             "--labels", str(ctx.data / "camvid/trainannot"), "--subset", subset, "--holdout", "8" if ctx.limit is None
-            else "1", "--budget", "4", "--epochs", "20", "--cache", str(ctx.work / "camvid-agg-cache"),
+            else "1", "--budget", "4", "--epochs", "6", "--cache", str(ctx.work / "camvid-agg-cache"),
             "--out", str(ctx.work / "espnet-agg.pt"), "--overwrite", "--no-progress"]
 
 
@@ -639,8 +639,7 @@ RUNS["camvid-espnet-agg"] = Run("camvid-espnet-agg", _camvid_agg_argv, lambda ct
 _CAMVID = ("--model", "camvid-espnet", "--data", data("camvid/val"), "--labels", data("camvid/valannot"))
 eval_run("camvid-espnet-learned", *_CAMVID, "--budgets", "1,4", "--aggregate", "entropy,mean,learned",
          "--aggregator", work("espnet-agg.pt"))
-eval_run("camvid-espnet-tta-ms", *_CAMVID, "--budgets", "1,4,6", "--aggregate", "entropy", "--seg-tta", "ms",
-         "--seg-tta-budget", "2")
+eval_run("camvid-espnet-tta-ms", *_CAMVID, "--budgets", "1,4,6", "--aggregate", "entropy", "--seg-tta", "ms")
 RUNS["camvid-espnet-learned"].device_flag = None  # segmentation eval runs on the CPU only
 RUNS["camvid-espnet-tta-ms"].device_flag = None
 
