@@ -641,6 +641,8 @@ eval_run("camvid-espnet-learned", *_CAMVID, "--budgets", "1,4", "--aggregate", "
          "--aggregator", work("espnet-agg.pt"))
 eval_run("camvid-espnet-tta-ms", *_CAMVID, "--budgets", "1,4,6", "--aggregate", "entropy", "--seg-tta", "ms",
          "--seg-tta-budget", "2")  # B=6 and ms (~5.4 forward equivalents) at matched cost; ms with B=2 per view
+eval_run("camvid-espnet-ms", *_CAMVID, "--budgets", "1", "--seg-tta", "ms")  # multi-scale alone, all 101 images
+RUNS["camvid-espnet-ms"].device_flag = None
 RUNS["camvid-espnet-learned"].device_flag = None  # segmentation eval runs on the CPU only
 RUNS["camvid-espnet-tta-ms"].device_flag = None
 
@@ -662,6 +664,8 @@ _experiment("camvid-espnet-learned", "ESPNet, CamVid val: the learned map aggreg
                          "on 88 images of `camvid/train` (4,096 sampled labelled pixels each, random-criterion "
                          "candidates, budget 4); its cost includes the attention's FLOPs at every pixel. "
                          "`learned@default` (control): the module on the default candidate alone."), "~10 min, idle core")
+_experiment("camvid-espnet-ms", "ESPNet, CamVid val: multi-scale TTA alone", ["camvid-espnet-ms"],
+            render_dense("camvid-espnet-ms", ""), "~6 min, idle core")
 _experiment("camvid-espnet-tta", "ESPNet, CamVid val: multi-scale TTA and the phase search at matched cost",
             ["camvid-espnet-tta-ms"], render_dense("camvid-espnet-tta-ms", ""), "~20 min, idle core")
 
