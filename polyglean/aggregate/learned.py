@@ -124,8 +124,15 @@ class AttentionAggregator(nn.Module, Aggregator):
             )
         return shift
 
-    def attend(self, features: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    def attend(self, features: Tensor, shift: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The aggregate and the attention each candidate receives.
+
+        Args:
+            features: Candidate feature maps (see the class).
+            shift: Their displacements.
+            mask: ``(N, B, H*W)`` bool, where a candidate has a value (dense maps aligned under the border rule):
+                a candidate is neither attended to nor averaged where it is false. Every location needs one true
+                candidate. Default: all true.
 
         Returns:
             ``(aggregate, received)``: the aggregated feature map ``(N, C, H, W)`` (or channels-last) and, per
@@ -145,9 +152,19 @@ class AttentionAggregator(nn.Module, Aggregator):
             return z.reshape(n, b, p, self.heads, dh).permute(0, 2, 3, 1, 4)
 
         q, k, v = split(q), split(k), split(v)
-        w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), dim=-1)  # (N, P, heads, B, B)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(dh)  # (N, P, heads, B, B)
+        if mask is not None:
+            if mask.shape != (n, b, p):
+                raise ArgumentError(f"mask must be (N, B, H*W) = ({n}, {b}, {p}), got {tuple(mask.shape)}")
+            keep = mask.to(features.device, torch.bool)
+            scores = scores.masked_fill(~keep.permute(0, 2, 1)[:, :, None, None, :], float("-inf"))
+        w = torch.softmax(scores, dim=-1)
         ctx = (w @ v).permute(0, 3, 1, 2, 4).reshape(n, b, p, self.heads * dh)
-        out = (x + self.mlp(ctx)).mean(1)  # (N, P, C)
+        if mask is None:
+            out = (x + self.mlp(ctx)).mean(1)  # (N, P, C)
+        else:
+            wk = keep.to(x.dtype)[..., None]  # (N, B, P, 1)
+            out = ((x + self.mlp(ctx)) * wk).sum(1) / wk.sum(1)
         if self.spatial_dims == (-2, -1):
             out = out.transpose(1, 2).reshape(n, *per)
         else:

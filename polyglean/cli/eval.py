@@ -660,7 +660,7 @@ def _check_dense(args: argparse.Namespace) -> tuple[list[str], tuple[str, ...]]:
         if not Path(folder).is_dir():
             raise ArgumentError(f"{flag} folder not found: {folder}")
     refused = [flag for flag, given in (
-        ("--aggregator", args.aggregator), ("--subset", args.subset), ("--downsample", args.downsample),
+        ("--subset", args.subset), ("--downsample", args.downsample),
         ("--shift-consistency", args.shift_consistency), ("--tta", wants_tta(args)),
         ("--aggregate-on logits", args.aggregate_on == "logits"), ("--phase-stride", args.phase_stride != 1),
         *((f"--{f.replace('_', '-')}", getattr(args, f) is not None)
@@ -673,7 +673,15 @@ def _check_dense(args: argparse.Namespace) -> tuple[list[str], tuple[str, ...]]:
                             "--seg-tta)")
     aggregates = refuse_repeats("--aggregate", names(args.aggregate))
     for name in aggregates:
-        DENSE_AGGREGATORS.get(name)
+        if name != "learned":
+            DENSE_AGGREGATORS.get(name)
+    if "learned" in aggregates and not args.aggregator:
+        raise ArgumentError(f"--aggregate learned: no trained aggregator ships for {args.model!r}; train one with "
+                            "`polyglean train-aggregator --labels DIR` and pass it with --aggregator PATH")
+    if args.aggregator and "learned" not in aggregates:
+        raise ArgumentError("--aggregator is used only by --aggregate learned; add it or drop --aggregator")
+    if args.aggregator and len(args.aggregator) > 1:
+        raise ArgumentError(f"--aggregator: give one trained map aggregator, got {len(args.aggregator)}")
     DENSE_CRITERIA.get(args.criterion)
     if args.no_align and args.align_both:
         raise ArgumentError("--no-align and --align-both contradict each other; give one")
@@ -711,11 +719,19 @@ def evaluate_dense(args: argparse.Namespace) -> dict[str, Any]:
     if args.limit is not None and args.limit < len(dataset):
         dataset = Subset(dataset, list(range(args.limit)))
     aligns = (True, False) if args.align_both else (not args.no_align,)
+    learned = None
+    if "learned" in aggregates:
+        from polyglean.aggregate import model_fingerprint
+        from polyglean.aggregate.dense import load_map_aggregator
+
+        learned = load_map_aggregator(args.aggregator[0], model=args.model, fingerprint=model_fingerprint(model))
     config = DenseEvalConfig(
         budgets=tuple(args.budgets), aggregates=tuple(aggregates), aligns=aligns, criterion=args.criterion,
         search_space=tuple(args.search_space) if args.search_space else None, tta=tta,
-        tta_budget=args.seg_tta_budget or 1, tta_aggregate=aggregates[0], batch_size=args.batch_size,
-        workers=args.workers if args.workers != 1 else 0, keep_maps=4 if args.plot else 0, seed=args.seed)
+        tta_budget=args.seg_tta_budget or 1,
+        tta_aggregate=next((a for a in aggregates if a != "learned"), "mean"), batch_size=args.batch_size,
+        workers=args.workers if args.workers != 1 else 0, keep_maps=4 if args.plot else 0, seed=args.seed,
+        learned=learned, learned_align=bool(learned.meta["align"]) if learned is not None else True)
     with Bars(args.model, not args.no_progress) as bars:
         report = evaluate_segmentation(model, dataset, config, num_classes=preset.num_classes,
                                        ignore_index=preset.ignore_index, input_size=preprocess.input_size,
@@ -725,6 +741,8 @@ def evaluate_dense(args: argparse.Namespace) -> dict[str, Any]:
         "config": {"criterion": args.criterion, "aggregate": aggregates, "align": list(aligns),
                    "budgets": list(args.budgets), "search_space": report["search_space"], "sites": report["sites"],
                    "tta": list(tta), "tta_budget": config.tta_budget, "batch_size": args.batch_size,
+                   **({"aggregator": {"path": str(args.aggregator[0]), "training": learned.meta.get("training")}}
+                      if learned is not None else {}),
                    "limit": args.limit, "seed": args.seed, "classes": list(preset.class_names),
                    "ignore_index": preset.ignore_index,
                    "reference": "the plain model (budget 1); miou in percent; miou_delta: paired bootstrap over "

@@ -25,6 +25,11 @@ def add_parser(sub: Any, name: str) -> None:
     )
     add_model_arguments(p)
     p.add_argument("--data", required=True, help="training images: class folders, or images/ + labels.csv")
+    p.add_argument("--labels", help="segmentation models: the label maps of --data (file stems shared with the "
+                                    "images); a pixel is a sample, see --pixels-per-image")
+    p.add_argument("--pixels-per-image", type=int, default=4096,
+                   help="segmentation: labelled pixels sampled per training image whose candidates are kept "
+                        "(default 4096; full-resolution maps of a training set do not fit in memory)")
     p.add_argument("--subset", help="START:STOP of a fixed shuffled order of --data (e.g. 0:20000)")
     p.add_argument("--val-data", help="validation images (accuracy reported after every epoch)")
     p.add_argument("--val-subset", help="START:STOP of a fixed shuffled order of --val-data (e.g. 20000:22000)")
@@ -34,10 +39,11 @@ def add_parser(sub: Any, name: str) -> None:
                    help="candidates per image while training (default 30, as the paper; capped at the number of "
                         "states of the search space)")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="images per step (default 64); segmentation: pixels per step "
+                                                   "(default 4096)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--dim", type=int, default=64, help="attention width (default 64)")
+    p.add_argument("--dim", type=int, help="attention width (default 64; segmentation: 32)")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--no-align", action="store_true", help="train on unaligned feature maps")
     p.add_argument("--search-space", nargs="+", metavar="SITE",
@@ -63,12 +69,44 @@ def settings(args: argparse.Namespace) -> Any:
 
     return AggregatorSettings(
         model=args.model, data=args.data, subset=args.subset, val_data=args.val_data, val_subset=args.val_subset,
-        holdout=args.holdout, budget=args.budget, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, dim=args.dim, heads=args.heads, align=not args.no_align,
+        holdout=args.holdout, budget=args.budget, epochs=args.epochs, batch_size=args.batch_size or 64, lr=args.lr,
+        weight_decay=args.weight_decay, dim=args.dim or 64, heads=args.heads, align=not args.no_align,
         search_space=tuple(args.search_space) if args.search_space else None, seed=args.seed,
         weights=args.weights, pretrained=args.pretrained, random_weights=args.random_weights,
         search_batch_size=args.search_batch_size, workers=args.workers,
     )
+
+
+def _is_dense(args: argparse.Namespace) -> bool:
+    from polyglean.models import get_preset, list_models
+
+    return args.model in list_models() and get_preset(args.model).task == "segmentation"
+
+
+def dense_settings(args: argparse.Namespace) -> Any:
+    """The :class:`~polyglean.training.dense_aggregator.DenseAggregatorSettings` of the parsed arguments, after
+    refusing the options a segmentation model does not take."""
+    import os
+
+    from polyglean.errors import ArgumentError
+    from polyglean.training.dense_aggregator import DenseAggregatorSettings
+
+    if not args.labels:
+        raise ArgumentError(f"{args.model} is a segmentation model: give its label maps with --labels DIR")
+    refused = [flag for flag, given in (
+        ("--val-data", args.val_data), ("--val-subset", args.val_subset), ("--resume", args.resume),
+        ("--device", args.device not in (None, "cpu")), ("--precision", args.precision != "fp32"),
+        ("torchrun", int(os.environ.get("WORLD_SIZE", "1")) > 1)) if given]
+    if refused:
+        raise ArgumentError(f"{', '.join(refused)}: not supported when training a segmentation model's aggregator "
+                            "(validate with --holdout N)")
+    return DenseAggregatorSettings(
+        model=args.model, data=args.data, labels=args.labels, subset=args.subset, holdout=args.holdout,
+        budget=args.budget, epochs=args.epochs, batch_size=args.batch_size or 4096, lr=args.lr,
+        weight_decay=args.weight_decay, dim=args.dim or 32, heads=args.heads, align=not args.no_align,
+        search_space=tuple(args.search_space) if args.search_space else None, seed=args.seed,
+        pixels_per_image=args.pixels_per_image, weights=args.weights, pretrained=args.pretrained,
+        random_weights=args.random_weights)
 
 
 def _progress(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -99,7 +137,9 @@ def _progress(args: argparse.Namespace) -> tuple[Any, Any]:
     def end(record: dict[str, Any]) -> None:
         close()
         line = f"epoch {record['epoch']}: loss {record['loss']:.4f}"
-        if "val" in record:
+        if "val" in record and "pixel_acc" in next(iter(record["val"].values())):
+            line += "  held-out pixel acc " + "  ".join(f"B={b} {v['pixel_acc']:.2f}" for b, v in record["val"].items())
+        elif "val" in record:
             line += "  val top-1 " + "  ".join(f"B={b} {v['top1']:.2f}" for b, v in record["val"].items())
         print(line, flush=True)
 
@@ -112,6 +152,21 @@ def run(args: argparse.Namespace) -> int:
     from polyglean.distributed import init_distributed, shutdown_distributed
     from polyglean.training.aggregator import train_aggregator
 
+    if _is_dense(args):
+        from polyglean.training.dense_aggregator import train_dense_aggregator
+
+        dense = dense_settings(args)
+        callbacks, close = _progress(args)
+        try:
+            train_dense_aggregator(dense, args.out, cache=args.cache, overwrite=args.overwrite, export=args.export,
+                                   callbacks=callbacks)
+        finally:
+            close()
+        return 0
+    if args.labels:
+        from polyglean.errors import ArgumentError
+
+        raise ArgumentError(f"--labels: {args.model} is not a segmentation model (its labels come with --data)")
     rt = runtime(args)
     ctx = init_distributed(rt.device, timeout_s=args.dist_timeout)
     callbacks, close = _progress(args)

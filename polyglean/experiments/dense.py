@@ -46,7 +46,7 @@ class DenseEvalConfig:
 
     Args:
         budgets: Phase budgets (1 = the plain model).
-        aggregates: Per-pixel aggregators (``mean``, ``entropy``).
+        aggregates: Per-pixel aggregators (``mean``, ``entropy``, ``learned``).
         aligns: Alignment settings to report (``True``, ``False`` or both).
         criterion: Search order (``entropy``, ``random``, ``delta``).
         search_space: Sites to search (default: the main path but the first).
@@ -60,6 +60,10 @@ class DenseEvalConfig:
         keep_confusions: Return every row's per-image confusion matrices and its boundary / interior ones
             (``report["confusions"]``).
         seed: Seed of the random criterion and of the bootstrap.
+        learned: The trained map aggregator for ``learned``
+            (:class:`~polyglean.aggregate.dense.MapAttentionAggregator`); its rows use the alignment it was trained
+            with (``learned_align``), and a ``learned@default`` control row applies it to the default candidate alone.
+        learned_align: Whether ``learned`` was trained on aligned candidates.
     """
 
     budgets: tuple[int, ...] = (1, 4, 10)
@@ -76,14 +80,27 @@ class DenseEvalConfig:
     keep_maps: int = 0
     keep_confusions: bool = False
     seed: int = 0
+    learned: Any = None
+    learned_align: bool = True
 
     def check(self) -> None:
         """Raises :class:`ArgumentError` for a bad value or combination, before any work."""
         if not self.budgets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.budgets):
             raise ArgumentError(f"budgets must be integers >= 1, got {list(self.budgets)}")
         for name in self.aggregates:
-            if name not in DENSE_AGGREGATORS.names():
-                raise ArgumentError(f"unknown dense aggregator {name!r}; choose from {DENSE_AGGREGATORS.names()}")
+            if name == "learned":
+                if self.learned is None:
+                    raise ArgumentError("aggregate 'learned' needs a trained map aggregator (learned=...; CLI: "
+                                        "--aggregator PATH)")
+                if self.learned_align not in self.aligns:
+                    raise ArgumentError(f"the learned aggregator was trained "
+                                        f"{'with' if self.learned_align else 'without'} alignment, but the rows ask "
+                                        f"for {'aligned' if self.aligns[0] else 'unaligned'} candidates only")
+            elif name not in DENSE_AGGREGATORS.names():
+                raise ArgumentError(f"unknown dense aggregator {name!r}; choose from "
+                                    f"{[*DENSE_AGGREGATORS.names(), 'learned']}")
+        if self.learned is not None and "learned" not in self.aggregates:
+            raise ArgumentError("a learned aggregator is given but 'learned' is not among the aggregates")
         if self.criterion not in DENSE_CRITERIA.names():
             raise ArgumentError(f"unknown dense criterion {self.criterion!r}; choose from {DENSE_CRITERIA.names()}")
         for name in self.tta:
@@ -138,12 +155,13 @@ def evaluate_segmentation(model: nn.Module, dataset: Dataset, config: DenseEvalC
     net = PhaseNet(model, size)
     budgets = sorted(set(config.budgets))
     top = budgets[-1]
-    search = DenseSearch(net, budget=top, criterion=config.criterion, aggregate=config.aggregates[0],
+    first = next(a for a in config.aggregates if a != "learned") if set(config.aggregates) != {"learned"} else "mean"
+    search = DenseSearch(net, budget=top, criterion=config.criterion, aggregate=first,
                          search_space=config.search_space, seed=config.seed)
     tta_search = (DenseSearch(net, budget=config.tta_budget, criterion=config.criterion,
                               aggregate=config.tta_aggregate, search_space=config.search_space, seed=config.seed)
                   if config.tta_budget > 1 else None)
-    multiple = max(net.total_factor)
+    multiple = max(net.max_reduction)  # every path's reduction must divide a view (ESPNet's skips need 8)
 
     def meter() -> DenseMeter:
         return DenseMeter(num_classes, ignore_index, tuple(config.bands))
@@ -155,7 +173,14 @@ def evaluate_segmentation(model: nn.Module, dataset: Dataset, config: DenseEvalC
             continue
         for a in config.aggregates:
             for al in config.aligns:
+                if a == "learned" and al != config.learned_align:
+                    continue
                 rows[("phase", b, a, al)] = _Row({"budget": b, "aggregate": a, "align": al, "tta": "none"}, meter())
+    if config.learned is not None:
+        # A control, not a search result: the module on the default candidate alone (what it gains here is
+        # re-calibration of the plain model's logits on the training data, not gleaned phases).
+        rows[("learned@default",)] = _Row({"budget": 1, "aggregate": "learned@default",
+                                           "align": config.learned_align, "tta": "none"}, meter())
     for name in config.tta:
         rows[("tta", name, 1)] = _Row({"budget": 1, "aggregate": "mean-prob", "align": False, "tta": name}, meter())
         if tta_search is not None:
@@ -186,12 +211,24 @@ def evaluate_segmentation(model: nn.Module, dataset: Dataset, config: DenseEvalC
                     continue
                 _, b, a, al = key
                 t0 = time.perf_counter()
-                pred = _predict(search.combine(result, b, aggregate=a, align=al), num_classes)
+                agg = config.learned if a == "learned" else a
+                pred = _predict(search.combine(result, b, aggregate=agg, align=al), num_classes)
                 row.meter.update(pred, y, ref)
                 row.flops += result.flops_by_budget[b]
+                if a == "learned":  # the attention at every pixel costs a sizeable part of a forward: counted
+                    row.flops += config.learned.flops(x.shape[0], b, x.shape[-2] * x.shape[-1])
                 row.seconds += result.seconds_by_budget[b] + time.perf_counter() - t0
                 if b == top and len(row.maps) < config.keep_maps:
                     row.maps.extend(pred[: config.keep_maps - len(row.maps)])
+            if config.learned is not None:
+                t0 = time.perf_counter()
+                alone = result.candidate_logits[:, :1]
+                cover = torch.ones(alone.shape[0], 1, *alone.shape[-2:], dtype=torch.bool, device=alone.device)
+                row = rows[("learned@default",)]
+                row.meter.update(_predict(config.learned.combine(alone, cover, shift=result.shift[:, :1]),
+                                          num_classes), y, ref)
+                row.flops += result.forward_flops + config.learned.flops(x.shape[0], 1, x.shape[-2] * x.shape[-1])
+                row.seconds += result.seconds_by_budget.get(1, 0.0) + time.perf_counter() - t0
             for name in config.tta:
                 scales, flip = TTA_POLICIES[name]
                 cost = tta_cost(scales, flip, tuple(x.shape[-2:]), multiple)

@@ -264,7 +264,8 @@ class DenseSearch(PhaseSearch):
     @torch.no_grad()
     def combine(self, result: SearchResult, budget: int, aggregate: str | MapAggregator | None = None,
                 align: bool | None = None) -> Tensor:
-        """Aggregates the first ``budget`` candidates per pixel (another aggregator or alignment may be given)."""
+        """Aggregates the first ``budget`` candidates per pixel (another aggregator or alignment may be given; one
+        with ``needs_shift`` also gets the displacements ``(N, B, 2)``, as the learned one does)."""
         aggregator = self.aggregator if aggregate is None else _resolve(DENSE_AGGREGATORS, aggregate, MapAggregator)
         do_align = self.align if align is None else bool(align)
         if budget == 1:
@@ -276,4 +277,6 @@ class DenseSearch(PhaseSearch):
             maps, valid = flat.reshape(maps.shape), valid.reshape(n, b, *maps.shape[-2:])
         else:
             valid = torch.ones(n, b, *maps.shape[-2:], dtype=torch.bool, device=maps.device)
+        if getattr(aggregator, "needs_shift", False):  # the learned aggregator codes each candidate's displacement
+            return aggregator.combine(maps, valid, shift=shift)
         return aggregator.combine(maps, valid)

@@ -13,7 +13,8 @@ from polyglean.cli.main import main
 
 @pytest.mark.parametrize("extra, message", [
     ([], "give its label maps with --labels"),
-    (["--labels", "LAB", "--aggregate", "learned"], "unknown dense aggregator 'learned'"),
+    (["--labels", "LAB", "--aggregate", "learned"], "no trained aggregator ships for 'camvid-espnet'"),
+    (["--labels", "LAB", "--aggregate", "nope"], "unknown dense aggregator 'nope'"),
     (["--labels", "LAB", "--seg-tta", "zoom"], "--seg-tta 'zoom'"),
     (["--labels", "LAB", "--seg-tta-budget", "4"], "--seg-tta-budget applies to --seg-tta"),
     (["--labels", "LAB", "--tta", "mean"], "--tta: not supported for segmentation"),
