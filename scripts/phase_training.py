@@ -207,9 +207,9 @@ def table(args: argparse.Namespace) -> None:
     rows.sort(key=lambda r: (r["seed"], order.get(r["arm"].split(":")[0], 9)))
     write_json(args.json, {"rows": rows, "machine": machine()})
     lines = [
-        "| arm | seed | top-1 | Δ top-1 vs P=0 [95% CI] | NLL | ECE | shift cons. | search Δ vs own plain: "
+        "| arm | seed | top-1 | Δ top-1 vs P=0 [95% CI] | NLL | Δ NLL vs P=0 [95% CI] | ECE | shift cons. | search Δ vs own plain: "
         "B=4 | B=10 | B=15 | B=15 mean | B=4 vs P=0's B=4 | states alone: default / min / mean / max |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s = r["search"]
@@ -227,6 +227,7 @@ def table(args: argparse.Namespace) -> None:
         lines.append(
             f"| {label} | {r['seed']} | {r['plain']['top1']:.2f} | "
             f"{_fmt_ci(vs['delta_top1'], vs['delta_top1_ci']) if vs else '—'} | {r['plain']['nll']:.4f} | "
+            f"{_fmt_ci(vs['delta_nll'], vs['delta_nll_ci'], 4) if vs else '—'} | "
             f"{r['plain']['ece']:.2f} | {r['shift_consistency']:.2f} | {cell('entropy@4')} | "
             f"{cell('entropy@10')} | {cell('entropy@15')} | {cell('mean@15')} | {against} | "
             f"{st['default']:.2f} / {st['min']:.2f} / {st['mean']:.2f} / {st['max']:.2f} |")
