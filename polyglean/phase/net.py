@@ -538,6 +538,15 @@ class PhaseNet(nn.Module):
                     "ordinary training. Hint: make that layer a module (nn.BatchNorm2d, nn.Dropout), or list it in "
                     "leaf_modules so it is called as itself"
                 )
+        called = {n.target for n in self._found.graph_module.graph.nodes if n.op == "call_module"}
+        for name, m in self.model.named_modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and name not in called:
+                raise ModelError(
+                    f"{type(self.model).__name__} holds dropout module '{name}' (p={m.p}) that its forward does not "
+                    "call as a module (its probability is read instead, e.g. by scaled_dot_product_attention), so the "
+                    "eval-mode trace fixed it to no dropout; phase-state training would silently drop nothing there. "
+                    f"Hint: set model.{name}.p = 0 to train without it, or call it as a module"
+                )
         self._trainable_checked = True
 
     def run_to(self, x: Tensor, segment: int, phases: list[PhaseValue]) -> tuple[Tensor, ...]:

@@ -199,3 +199,15 @@ def test_modes_are_restored_after_tracing() -> None:
     model = _Tiny(dropout=0.5).train()
     PhaseAugmented(model, (3, 16, 16), p=0.5, sites="all")
     assert all(m.training for m in model.modules())
+
+
+def test_a_dropout_probability_read_by_forward_is_refused() -> None:
+    class ReadsP(_Tiny):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.conv2(F.relu(self.conv1(x)))
+            p = self.drop.p if self.training else 0.0  # as attention reads its dropout for SDPA
+            return self.fc(F.dropout(x, p=p).mean((-2, -1)) if p else x.mean((-2, -1)))
+
+    with pytest.raises(ModelError, match="dropout module 'drop' \\(p=0.3\\)"):
+        PhaseAugmented(ReadsP(dropout=0.3), (3, 16, 16), p=0.5)
+    PhaseAugmented(ReadsP(dropout=0.0), (3, 16, 16), p=0.5)  # p = 0: nothing was traced away
