@@ -10,6 +10,7 @@ import torch
 
 from polyglean.cli.main import main
 from polyglean.training.finetune import CHECKPOINT_FORMAT
+from tests.folders import link_class_folders
 
 pytestmark = [pytest.mark.data]
 
@@ -17,12 +18,8 @@ pytestmark = [pytest.mark.data]
 @pytest.fixture(scope="module")
 def tiny(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 real CIFAR training images (one of each of 8 classes) as symbolic links in class folders."""
-    root = tmp_path_factory.mktemp("tiny")
-    for cls in sorted(p for p in (shared_data / "cifar10-jpeg" / "train").iterdir() if p.is_dir())[:8]:
-        (root / cls.name).mkdir()
-        for image in sorted(cls.iterdir())[:1]:
-            (root / cls.name / image.name).symlink_to(image)
-    return root
+    return link_class_folders(shared_data / "cifar10-jpeg" / "train", tmp_path_factory.mktemp("tiny"), classes=8,
+                              per_class=1)
 
 
 def _train(data: Path, out: Path, *extra: str) -> int:

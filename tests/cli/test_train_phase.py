@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from polyglean.cli.main import main
+from tests.folders import link_class_folders
 
 pytestmark = [pytest.mark.data]
 
@@ -16,12 +17,8 @@ pytestmark = [pytest.mark.data]
 @pytest.fixture(scope="module")
 def tiny(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """16 real lossless CIFAR-10 training images (two of each of 8 classes) as links in class folders."""
-    root = tmp_path_factory.mktemp("tiny")
-    for cls in sorted(p for p in (shared_data / "cifar10" / "train").iterdir() if p.is_dir())[:8]:
-        (root / cls.name).mkdir()
-        for image in sorted(cls.iterdir())[:2]:
-            (root / cls.name / image.name).symlink_to(image)
-    return root
+    return link_class_folders(shared_data / "cifar10" / "train", tmp_path_factory.mktemp("tiny"), classes=8,
+                              per_class=2)
 
 
 def _train(data: Path, out: Path, *extra: str) -> int:
