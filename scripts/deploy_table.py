@@ -48,8 +48,10 @@ from polyglean.search.stop import ConfidenceStop, calibrate_threshold
 from polyglean.stats import mcnemar, paired_bootstrap
 
 
-def run_search(search: PhaseSearch, loader: DataLoader, budgets: list[int], desc: str) -> dict[str, Any]:
-    """Per image: correct and cost (forward equivalents) at each budget, plain confidence; seconds; the states kept."""
+def run_search(search: PhaseSearch, loader: DataLoader, budgets: list[int], desc: str,
+               device: torch.device | None = None) -> dict[str, Any]:
+    """Per image: correct and cost (forward equivalents) at each budget, plain confidence; seconds; the states kept.
+    The batches run on ``device`` (the search's net must be there); everything kept is on the CPU."""
     correct: dict[int, list] = {b: [] for b in {1, *budgets}}
     cost: dict[int, list] = {b: [] for b in {1, *budgets}}
     conf, labels = [], []
@@ -57,7 +59,8 @@ def run_search(search: PhaseSearch, loader: DataLoader, budgets: list[int], desc
     budgets = sorted({1, *budgets})
     kept: Counter[tuple[int, ...]] = Counter()
     for x, y in tqdm(loader, desc=desc, file=sys.stderr, leave=False):
-        r = search.run(x, budgets=budgets)
+        r = search.run(x if device is None else x.to(device), budgets=budgets)
+        r.logits = {b: v.cpu() for b, v in r.logits.items()}
         kept.update(tuple(s) for s in r.states.flatten(0, 1).tolist())
         per_forward = r.forward_flops / x.shape[0]
         for b in budgets:
@@ -97,13 +100,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="the part on which the best fixed budget (the adaptive rule's budget) is chosen")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--device", help="where the searches run (cpu, cuda, cuda:N, mps; default: cpu); the exported "
+                                    "ensembles are built, checked and timed on the CPU either way")
     p.add_argument("--json", required=True)
     p.add_argument("--plot")
     args = p.parse_args(argv)
 
+    from polyglean.errors import ArgumentError
+    from polyglean.runtime import resolve_device
+
+    try:  # an unknown or absent device is refused here, before any work
+        device = resolve_device(args.device or "cpu")
+    except ArgumentError as err:
+        p.error(str(err))
     torch.set_num_threads(1)
     model, preprocess = load_model(args.model)
-    net = PhaseNet(model, input_size=preprocess.input_size)
+    net = PhaseNet(model.to(device), input_size=preprocess.input_size)
     data = ImageDataset(args.data, preprocess)
     fit_range, test_range = parse_subset(args.fit), parse_subset(args.test)
     fit, test = subset_dataset(data, *fit_range), subset_dataset(data, *test_range)
@@ -113,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     budgets = list(range(1, args.budget + 1))
     out: dict[str, Any] = {"model": args.model, "data": args.data, "fit": args.fit, "test": args.test,
                            "fit_images": len(fit), "test_images": len(test), "budget": args.budget,
-                           "search_space": [s.name for s in search.search_space], "machine": machine()}
+                           "search_space": [s.name for s in search.search_space], "machine": machine(),
+                           "device": str(device)}
 
     # 1. fixed budgets on both parts; the best fixed budget (chosen on --choose-on); the adaptive curve on the test part
-    t = run_search(search, test_loader, budgets, "test search")
-    f = run_search(search, fit_loader, budgets, "fit search")
+    t = run_search(search, test_loader, budgets, "test search", device)
+    f = run_search(search, fit_loader, budgets, "fit search", device)
     plain = t["correct"][1]
     fixed, fixed_fit = [], []
     for b in budgets:
@@ -156,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 "stopped_at_1": float(fit_stops.float().mean())}
         adaptive = PhaseSearch(net, budget=top_b, criterion="entropy", aggregate="mean", align=True,
                                stop=ConfidenceStop(min(max(thr, 0.0), 1.0)))
-        a = run_search(adaptive, test_loader, [top_b], f"adaptive {name}")
+        a = run_search(adaptive, test_loader, [top_b], f"adaptive {name}", device)
         right = a["correct"][top_b]
         gain = 100 * float(right.float().mean() - plain.float().mean())
         per_image[f"adaptive_{name}_correct"] = right.int().tolist()
@@ -174,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     ks = [] if args.states == "none" else [int(v) for v in args.states.split(",")]
     ensembles = []
     if ks:
+        if device.type != "cpu":  # onnxruntime runs on the CPU here: build, check and time everything there
+            model = model.cpu()
+            net = PhaseNet(model, input_size=preprocess.input_size)
         space = [s.name for s in search.search_space]
         states_all = space_states(net, space)
         if len(states_all) <= 16:

@@ -7,6 +7,8 @@ import json
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from polyglean.phase.net import PhaseNet
 
 DEFAULT_MODEL = "imagenet-efficientnet-lite0"
@@ -32,13 +34,16 @@ def add_parser(sub: Any, name: str) -> None:
                                     "when available)")
 
 
-def describe(net: PhaseNet, model_name: str) -> dict[str, Any]:
-    """The site table of ``net`` as plain data (what ``--json`` prints)."""
+def describe(net: PhaseNet, model_name: str, model: nn.Module | None = None) -> dict[str, Any]:
+    """The site table of ``net`` as plain data (what ``--json`` prints); with ``model`` (the module ``net`` wraps),
+    also the output stride of the à trous network built from each site."""
+    from polyglean.phase.atrous import atrous_strides
     from polyglean.phase.stitch import stitch_strides
 
     flops = net.segment_flops()
     total = sum(flops)
     strides = stitch_strides(net)
+    atrous = atrous_strides(model, net) if model is not None else [None] * len(net.sites)
     return {
         "model": model_name,
         "input_size": list(net.input_size),
@@ -59,6 +64,7 @@ def describe(net: PhaseNet, model_name: str) -> dict[str, Any]:
                 "discarded": s.discarded,
                 "flops_from_site": net.flops_from(s),
                 "stitched_stride": list(strides[s.index]) if strides[s.index] else None,
+                "atrous_stride": list(atrous[s.index]) if atrous[s.index] else None,
             }
             for s in net.sites
         ],
@@ -77,7 +83,7 @@ def format_table(info: dict[str, Any]) -> str:
                      "reshape, as in NaFlexViT, are not one), so there is nothing to glean")
         return "\n".join(lines)
     rows = [("#", "site", "ops", "factor", "in -> out", "reduction", "path", "discarded", "FLOPs from site",
-             "stitched OS")]
+             "stitched OS", "à trous OS")]
     for s in info["sites"]:
         rows.append((
             str(s["index"]), s["name"], ", ".join(s["ops"]), "{}x{}".format(*s["factor"]),
@@ -85,6 +91,7 @@ def format_table(info: dict[str, Any]) -> str:
             "main" if s.get("main_path", True) else "off", f"{s['discarded']:.0%}",
             f"{s['flops_from_site']:.1%}",
             "{}x{}".format(*s["stitched_stride"]) if s.get("stitched_stride") else "-",
+            "{}x{}".format(*s["atrous_stride"]) if s.get("atrous_stride") else "-",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for k, row in enumerate(rows):
@@ -122,6 +129,6 @@ def run(args: argparse.Namespace) -> int:
         size = (size[0], *args.input_size)
         check_input_size(size)
     net = phase_net(model.to(rt.device), size)
-    info = describe(net, args.model)
+    info = describe(net, args.model, model)
     print(json.dumps(info, indent=2) if args.json else format_table(info))
     return 0

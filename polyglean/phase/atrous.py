@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -43,7 +44,7 @@ _SPATIAL_FUNCTIONS = {F.conv2d, torch.conv2d, F.conv_transpose2d, F.max_pool2d, 
 
 
 def atrous(model: nn.Module, sites: Sequence[str | int | Site] | str | int | Site, *,
-           input_size: Sequence[int]) -> fx.GraphModule:
+           input_size: Sequence[int], shapes_only: bool = False) -> fx.GraphModule:
     """A copy of ``model`` with the strides of ``sites`` removed and every later conv and max pool dilated.
 
     Args:
@@ -52,6 +53,8 @@ def atrous(model: nn.Module, sites: Sequence[str | int | Site] | str | int | Sit
         sites: The sites whose stride to remove (names, indices or records): as for stitching, every strided site
             after the first one must be among them.
         input_size: ``(C, H, W)`` for discovery and for the shape check of the rewritten model.
+        shapes_only: Run that check on fake tensors (shapes only, no arithmetic): for a quick yes/no, as
+            :func:`atrous_strides` needs.
 
     Returns:
         A ``torch.fx.GraphModule`` with the original state-dict keys, in ``model``'s train/eval mode. Its outputs
@@ -131,7 +134,7 @@ def atrous(model: nn.Module, sites: Sequence[str | int | Site] | str | int | Sit
                 f"cannot build the à trous network: '{name}' at node '{n.name}' after site '{p.sites[0].name}' "
                 "resizes by a fixed factor, which would leave the finer map finer than the model's output")
     gm.recompile()
-    _check_shapes(gm, net.input_size, next(copied.parameters(), None), p.sites[0].name)
+    _check_shapes(gm, net.input_size, next(copied.parameters(), None), p.sites[0].name, fake=shapes_only)
     gm.train(model.training)
     return gm
 
@@ -190,10 +193,42 @@ class _Shapes(fx.Interpreter):
                              f"({first}); e.g. a skip connection that stayed on the coarse grid") from None
 
 
-def _check_shapes(gm: fx.GraphModule, input_size: tuple[int, ...], ref: Tensor | None, first: str) -> None:
+def _check_shapes(gm: fx.GraphModule, input_size: tuple[int, ...], ref: Tensor | None, first: str, *,
+                  fake: bool = False) -> None:
     x = torch.zeros(1, *input_size, device=ref.device if ref is not None else None,
                     dtype=ref.dtype if ref is not None and ref.is_floating_point() else None)
     with torch.no_grad():
-        out = _Shapes(gm).run(x)
+        if fake:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            log = logging.getLogger("torch._subclasses.fake_tensor")  # it logs every failed shape rule at ERROR
+            level = log.level
+            log.setLevel(logging.CRITICAL)
+            try:
+                with FakeTensorMode(allow_non_fake_inputs=True):
+                    out = _Shapes(gm).run(x)
+            finally:
+                log.setLevel(level)
+        else:
+            out = _Shapes(gm).run(x)
     if not any(isinstance(t, Tensor) for t in _leaves(out)):
         raise ArgumentError(f"the à trous network from site '{first}' returns no tensor")
+
+
+def atrous_strides(model: nn.Module, net: Any) -> list[tuple[int, int] | None]:
+    """Per site of ``net`` (a :class:`~polyglean.phase.net.PhaseNet` of ``model``), the output stride of the à trous
+    network built from it (it and every later site), or ``None`` where :func:`atrous` refuses that network."""
+    from polyglean.phase.stitch import _below
+
+    strides: list[tuple[int, int] | None] = []
+    below = _below(net)
+    for s in net.sites:
+        try:
+            atrous(model, [s.name] + [t.name for t in net.sites if s.index in below[t.index]],
+                   input_size=net.input_size, shapes_only=True)
+        except (ArgumentError, ModelError):
+            strides.append(None)
+            continue
+        # every later site's stride is removed too: the maps after the site stay at the stride of its input
+        strides.append((s.reduction[0] // s.factor[0], s.reduction[1] // s.factor[1]))
+    return strides

@@ -75,3 +75,4 @@ def test_table_shows_reduction_and_main_path() -> None:
     row = next(line for line in table.splitlines() if "stages.0.blocks.0.attn.sr " in line)
     assert "8x8" in row and "32x32" in row and " off " in row
     assert "total reduction 32x32" in table.splitlines()[0]
+    assert table.splitlines()[1].split()[-3:] == ["OS", "à", "trous"] or "à trous OS" in table.splitlines()[1]

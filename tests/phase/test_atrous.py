@@ -135,3 +135,28 @@ class TestRefusals:
         model = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.AvgPool2d(3, 1, 1), nn.Conv2d(4, 2, 1)).eval()
         with pytest.raises(ModelError, match=r"layer '2' \(AvgPool2d\).*no dilated form"):
             atrous(model, ["0"], input_size=(3, 16, 16))
+
+
+class TestAtrousStrides:
+    """``atrous_strides`` (inspect's "à trous OS" column): the stride the à trous network from each site keeps, and
+    ``None`` exactly where :func:`atrous` refuses, checked on shapes only (fake tensors, no arithmetic)."""
+
+    def test_resnet18_backbone(self) -> None:
+        from polyglean.phase.atrous import atrous_strides
+
+        body = lively(IntermediateLayerGetter(torchvision.models.resnet18(), {"layer4": "out"}))
+        net = PhaseNet(body, input_size=(3, 64, 64))
+        strides = atrous_strides(body, net)
+        by_name = dict(zip([s.name for s in net.sites], strides))
+        assert by_name["layer4.0"] == (16, 16) and by_name["layer3.0"] == (8, 8) and by_name["layer2.0"] == (4, 4)
+        # the real network from layer3.0 (every later site unstrided) has that stride: 64 / 8 cells
+        with torch.no_grad():
+            out = atrous(body, ["layer3.0", "layer4.0"], input_size=(3, 64, 64))(torch.randn(1, 3, 64, 64))["out"]
+        assert out.shape[-2:] == (8, 8)
+
+    def test_espnet_refused_everywhere(self) -> None:
+        from polyglean.phase.atrous import atrous_strides
+
+        model = lively(ESPNet(classes=12, p=2, q=3))
+        net = PhaseNet(model, input_size=(3, 64, 64))
+        assert atrous_strides(model, net) == [None] * len(net.sites)
