@@ -98,7 +98,10 @@ def format_table(info: dict[str, Any]) -> str:
         lines.append("  ".join(cell.ljust(wd) for cell, wd in zip(row, widths)).rstrip())
         if k == 0:
             lines.append("  ".join("-" * wd for wd in widths))
-    if not any(s.get("main_path", True) for s in info["sites"]):
+    if info.get("dense_search_space"):
+        lines.append("segmentation model: the dense search searches the path to the output but its first site ("
+                     + ", ".join(info["dense_search_space"]) + ")")
+    elif not any(s.get("main_path", True) for s in info["sites"]):
         lines.append("no site lies on the main path (the branches subsample in parallel): the default search refuses "
                      "this model; name the sites to search (--search-space) and use --aggregate-on logits")
     return "\n".join(lines)
@@ -130,5 +133,11 @@ def run(args: argparse.Namespace) -> int:
         check_input_size(size)
     net = phase_net(model.to(rt.device), size)
     info = describe(net, args.model, model)
+    from polyglean.models import get_preset
+
+    if args.model in list_models() and get_preset(args.model).task == "segmentation":
+        from polyglean.search.dense import main_path
+
+        info["dense_search_space"] = [s.name for s in main_path(net.sites)[1:]]
     print(json.dumps(info, indent=2) if args.json else format_table(info))
     return 0

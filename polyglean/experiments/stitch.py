@@ -125,7 +125,7 @@ class StitchRunner:
     Raises:
         ArgumentError: unknown sites (listing the model's), a set that leaves a later site strided.
         ModelError: a layer after the sites that cannot take the finer map, named (``phase``: any global op or
-            resize; ``atrous``: a transposed conv, a fixed-factor upsampling, a skip connection on the coarse grid).
+            resize; ``atrous``: a transposed conv other than kernel = stride, a fixed-factor upsampling, a skip connection on the coarse grid).
     """
 
     def __init__(self, model: nn.Module, config: StitchEvalConfig, input_size: Sequence[int]) -> None:
@@ -161,6 +161,9 @@ class StitchRunner:
         last = max(main, key=lambda s: s.reduction[0] * s.reduction[1])
         self.native_stride = tuple(last.reduction)
         self.stride = (self.native_stride[0] / self.factor[0], self.native_stride[1] / self.factor[1])
+        # how much finer the output map is: less than the sites' factor where a transposed conv of the decoder
+        # took some of it (ESPNet's: its output stays on the trained grid, so nothing there needs registering)
+        self.output_factor = tuple(getattr(self.fine, "output_factor", self.factor))
 
     def _site(self, key: str | int) -> str | int:
         """A site name as given, or an index given as text ("3") where no site has that name."""
@@ -205,10 +208,13 @@ class StitchRunner:
         lands at ``S i + (S - 1) / 2``, and the trained weights learned their outputs there. A finer cell
         ``j = R i + d`` holds the phase-``d`` output, the native cell's content moved by ``d S / R``: it belongs at
         ``(S / R) j + (S - 1) / 2``, but the same resize puts it at ``(S / R) j + (S / R - 1) / 2``. The difference,
-        ``S (R - 1) / (2 R)`` (2 pixels for stride 8 made 4, 3 for 8 made 2), is the registration shift.
+        ``S (R - 1) / (2 R)`` (2 pixels for stride 8 made 4, 3 for 8 made 2), is the registration shift. Where
+        a transposed conv of the decoder took the factor back (:class:`~polyglean.phase.atrous.SubKernelUpsample`),
+        ``R`` is what is left of it at the output: each cell there already holds its own position's content.
         """
         scale = (label_size[0] / x.shape[-2], label_size[1] / x.shape[-1])
-        return tuple((n - f) / 2 * k for n, f, k in zip(self.native_stride, self.stride, scale))  # type: ignore
+        out_stride = (self.native_stride[0] / self.output_factor[0], self.native_stride[1] / self.output_factor[1])
+        return tuple((n - f) / 2 * k for n, f, k in zip(self.native_stride, out_stride, scale))  # type: ignore
 
 
 def translate(maps: Tensor, shift: Sequence[float]) -> Tensor:

@@ -35,7 +35,7 @@ from polyglean.errors import ArgumentError, ModelError
 from polyglean.phase.stitch import _graph_deps, _leaves, _pair, plan
 from polyglean.sites import Site
 
-__all__ = ["atrous"]
+__all__ = ["SubKernelUpsample", "atrous", "atrous_strides"]
 
 _DILATABLE = (nn.Conv2d, nn.MaxPool2d)
 _RESIZE_FUNCTIONS = {F.interpolate, F.upsample, F.upsample_bilinear, F.upsample_nearest}
@@ -80,28 +80,25 @@ def atrous(model: nn.Module, sites: Sequence[str | int | Site] | str | int | Sit
     gm = net.discovery.graph_module
     ops = net.discovery.ops
     deps = _graph_deps(net, set(chosen))
+    factor = _factors(gm, ops, chosen)  # per node: how much finer than the trained model's its output map is
 
-    def factor_before(n: fx.Node) -> tuple[int, int]:
-        upstream = deps[n] - ({ops[n][1]} if n in ops else set())
-        return (math.prod(chosen[i].factor[0] for i in upstream), math.prod(chosen[i].factor[1] for i in upstream))
+    def factor_in(n: fx.Node) -> tuple[int, int]:
+        return _max_factor(factor[a] for a in n.all_input_nodes)
 
     users: dict[str, list[fx.Node]] = {}
     for n in gm.graph.nodes:
         if n.op == "call_module":
             users.setdefault(str(n.target), []).append(n)
     for target, nodes in users.items():
-        after = [bool(deps[n]) for n in nodes]
-        if not any(after):
+        if not any(deps[n] for n in nodes):
             continue
         module = gm.get_submodule(target)
-        if not all(after) and _spatial(module):
-            raise ModelError(f"cannot build the à trous network: layer '{target}' is called both before and after "
-                             f"the sites {[s.name for s in p.sites]}, so it cannot be dilated for one call only")
         site_call = [n for n in nodes if n in ops and ops[n][1] in chosen]
-        ry, rx = factor_before(nodes[0])
-        if _spatial(module) and any(factor_before(n) != (ry, rx) for n in nodes):
+        ry, rx = factor_in(nodes[0])
+        if _spatial(module) and any(factor_in(n) != (ry, rx) for n in nodes):
             raise ModelError(f"cannot build the à trous network: layer '{target}' is called on maps of different "
-                             "strides")
+                             f"strides (e.g. both before and after the sites {[s.name for s in p.sites]}), so it "
+                             "cannot be dilated for one call only")
         if site_call:
             if not isinstance(module, (*_DILATABLE, nn.AvgPool2d)):
                 raise ModelError(f"cannot build the à trous network: the site op '{target}' "
@@ -112,14 +109,18 @@ def atrous(model: nn.Module, sites: Sequence[str | int | Site] | str | int | Sit
             module.stride = (1, 1) if isinstance(module, nn.Conv2d) else 1
         if (ry, rx) == (1, 1) or not _spatial(module):
             continue
-        why = _no_dilated_form(module)
+        if _takes_factor(module, (ry, rx)):
+            parent, _, leaf = target.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, leaf, SubKernelUpsample(module, (ry, rx)))
+            continue
+        why = _no_dilated_form(module, (ry, rx))
         if why:
             raise ModelError(
                 f"cannot build the à trous network from site '{p.sites[0].name}': layer '{target}' "
                 f"({type(module).__name__}) after it {why}. Hint: stitch or rewrite a model truncated before it.")
         _dilate(module, (ry, rx))
     for n in gm.graph.nodes:
-        if n.op != "call_function" or not deps[n] or n in ops:
+        if n.op != "call_function" or n in ops or factor_in(n) == (1, 1):
             continue
         try:
             spatial, resize = n.target in _SPATIAL_FUNCTIONS, n.target in _RESIZE_FUNCTIONS
@@ -133,10 +134,84 @@ def atrous(model: nn.Module, sites: Sequence[str | int | Site] | str | int | Sit
             raise ModelError(
                 f"cannot build the à trous network: '{name}' at node '{n.name}' after site '{p.sites[0].name}' "
                 "resizes by a fixed factor, which would leave the finer map finer than the model's output")
+    outputs = [a for a in gm.graph.nodes if a.op == "output"]
+    gm.output_factor = _max_factor(factor[a] for a in outputs[0].all_input_nodes) if outputs else (1, 1)
     gm.recompile()
     _check_shapes(gm, net.input_size, next(copied.parameters(), None), p.sites[0].name, fake=shapes_only)
     gm.train(model.training)
     return gm
+
+
+def _max_factor(factors: Any) -> tuple[int, int]:
+    fs = list(factors)
+    return (max((f[0] for f in fs), default=1), max((f[1] for f in fs), default=1))
+
+
+def _factors(gm: fx.GraphModule, ops: dict, chosen: dict[int, Site]) -> dict[fx.Node, tuple[int, int]]:
+    """Per node, how many times finer than in the trained model its output map is in the à trous network: a chosen
+    site's op multiplies the factor of its input by the site's factor, a transposed conv that
+    :func:`_takes_factor` divides it by its stride, every other op keeps the largest factor of its inputs."""
+    factor: dict[fx.Node, tuple[int, int]] = {}
+    for n in gm.graph.nodes:
+        f = _max_factor(factor[a] for a in n.all_input_nodes)
+        if n in ops and ops[n][1] in chosen:
+            site = chosen[ops[n][1]]
+            f = (f[0] * site.factor[0], f[1] * site.factor[1])
+        elif n.op == "call_module" and f != (1, 1):
+            module = gm.get_submodule(str(n.target))
+            if _takes_factor(module, f):
+                f = (f[0] // module.stride[0], f[1] // module.stride[1])
+        factor[n] = f
+    return factor
+
+
+def _takes_factor(module: nn.Module, factor: tuple[int, int]) -> bool:
+    """Whether ``module`` is a transposed conv that upsamples by exactly its stride (kernel = stride, no padding)
+    from a map at least that much finer: on the finer map it becomes :class:`SubKernelUpsample`."""
+    if type(module) is not nn.ConvTranspose2d:
+        return False
+    s, k = _pair(module.stride), _pair(module.kernel_size)
+    return (s == k and _pair(module.padding) == (0, 0) and _pair(module.output_padding) == (0, 0)
+            and _pair(module.dilation) == (1, 1) and s != (1, 1) and factor[0] % s[0] == 0 and factor[1] % s[1] == 0)
+
+
+class SubKernelUpsample(nn.Module):
+    """A ``kernel = stride = s`` transposed conv of the trained model on a map ``r`` times finer (``r`` a multiple
+    of ``s``): no upsampling, a 1x1 conv whose kernel is the sub-kernel of each cell's own position.
+
+    The transposed conv gives output cell ``s i + a`` the value ``W[a] x[i]``: the coarse cell ``i``, which holds
+    what the phase in use sampled. On the finer map a cell ``m`` holds the sample of the phase whose samples lie on
+    ``m``, and in that phase's run the transposed conv wrote ``W[a] x`` at ``m`` with ``a = (m // (r / s)) mod s``.
+    So this is the interleaving, on the transposed conv's output grid, of every phase's output at the cells its own
+    samples cover; what follows runs on a map ``r / s`` times finer (not finer at all when ``r = s``).
+
+    Args:
+        deconv: The trained ``nn.ConvTranspose2d`` (kernel = stride, no padding); its ``weight`` and ``bias`` are
+            kept under the same names.
+        factor: How much finer than the trained model's the input map is.
+    """
+
+    def __init__(self, deconv: nn.ConvTranspose2d, factor: tuple[int, int]) -> None:
+        super().__init__()
+        self.weight, self.bias = deconv.weight, deconv.bias
+        self.stride, self.groups = _pair(deconv.stride), deconv.groups
+        self.step = (factor[0] // self.stride[0], factor[1] // self.stride[1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        sh, sw = self.stride
+        g = self.groups
+        c_in, c_out_g = self.weight.shape[:2]
+        # (C_in, C_out/g, sh, sw) -> one 1x1 conv per sub-position: (sh*sw*C_out, C_in/g, 1, 1), grouped alike
+        w = self.weight.view(g, c_in // g, c_out_g, sh * sw).permute(3, 0, 2, 1)  # (sub, g, C_out/g, C_in/g)
+        outs = [F.conv2d(x, w[k].reshape(g * c_out_g, c_in // g, 1, 1), self.bias, groups=g) for k in range(sh * sw)]
+        h, wd = x.shape[-2:]
+        a = (torch.arange(h, device=x.device) // self.step[0]) % sh
+        b = (torch.arange(wd, device=x.device) // self.step[1]) % sw
+        pos = (a[:, None] * sw + b[None, :])  # (H, W): the sub-kernel of each cell
+        out = outs[0]
+        for k in range(1, sh * sw):
+            out = torch.where(pos == k, outs[k], out)
+        return out
 
 
 def _spatial(module: nn.Module) -> bool:
@@ -151,11 +226,12 @@ def _spatial(module: nn.Module) -> bool:
     return _pair(kernel) != (1, 1) or _pair(getattr(module, "stride", 1)) != (1, 1)
 
 
-def _no_dilated_form(module: nn.Module) -> str:
+def _no_dilated_form(module: nn.Module, factor: tuple[int, int] = (1, 1)) -> str:
     """Why ``module`` cannot run on the finer map as the à trous network needs ('' when it can)."""
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        return (f"upsamples by its stride {module.stride} to a grid fixed by the coarse map: on the finer map its "
-                "output would be finer than the layers it meets")
+        return (f"upsamples by its stride {module.stride} (kernel {module.kernel_size}, padding {module.padding}) "
+                f"from a map {factor[0]}x{factor[1]} times finer: only a 2-d transposed conv with kernel = stride, "
+                "no padding, from a map finer by a multiple of its stride has an à trous form")
     if isinstance(module, (nn.Upsample, nn.PixelShuffle)):
         return "upsamples by a fixed factor, which would leave the finer map finer than the model's output"
     if isinstance(module, _DILATABLE):

@@ -76,3 +76,19 @@ def test_table_shows_reduction_and_main_path() -> None:
     assert "8x8" in row and "32x32" in row and " off " in row
     assert "total reduction 32x32" in table.splitlines()[0]
     assert table.splitlines()[1].split()[-3:] == ["OS", "à", "trous"] or "à trous OS" in table.splitlines()[1]
+
+
+def test_segmentation_preset_columns(capsys: pytest.CaptureFixture[str]) -> None:
+    """ESPNet: no site can be stitched (its transposed convs change the grid), the à trous network can be built from
+    levels 2 and 3 (the decoder's kernel = stride transposed convs take the factor back), and the dense search's
+    space is named instead of the classifier search's refusal."""
+    assert main(["inspect", "camvid-espnet", "--input-size", "64", "96", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    by_name = {s["name"]: s for s in info["sites"]}
+    assert all(s["stitched_stride"] is None for s in info["sites"])
+    assert by_name["encoder.level3_0.c1.conv"]["atrous_stride"] == [4, 4]
+    assert by_name["encoder.level2_0.c1.conv"]["atrous_stride"] == [2, 2]
+    assert info["dense_search_space"] == ["encoder.level2_0.c1.conv", "encoder.level3_0.c1.conv"]
+    assert main(["inspect", "camvid-espnet", "--input-size", "64", "96"]) == 0
+    out = capsys.readouterr().out
+    assert "à trous OS" in out and "dense search" in out and "refuses" not in out

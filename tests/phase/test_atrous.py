@@ -1,5 +1,6 @@
 """The à trous rewrite: equals shift-and-stitch where every later op is local, equals a dilated copy built by hand
-where a global op follows (CGNet), and refuses by name what has no dilated form (ESPNet's transposed convs)."""
+where a global op follows (CGNet), turns a kernel = stride transposed conv (ESPNet's decoder) into its own
+sub-kernel per cell, and refuses by name what has no dilated form."""
 
 from __future__ import annotations
 
@@ -105,11 +106,79 @@ class TestGlobalOps:
         assert torch.allclose(seen[0], feats[0].mean((2, 3)), atol=1e-5)
 
 
+class _Decoder(nn.Module):
+    """Two stride-2 convs (with 3x3 convs after each), then a kernel = stride = 2 transposed conv."""
+
+    def __init__(self, groups: int = 1) -> None:
+        super().__init__()
+        self.a, self.a2 = nn.Conv2d(3, 4, 3, 2, 1), nn.Conv2d(4, 4, 3, 1, 1)
+        self.b, self.b2 = nn.Conv2d(4, 6, 3, 2, 1), nn.Conv2d(6, 6, 3, 1, 1)
+        self.up = nn.ConvTranspose2d(6, 4, 2, stride=2, groups=groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.b2(torch.relu(self.b(self.a2(torch.relu(self.a(x)))))))
+
+
+class TestTransposedConv:
+    """A kernel = stride transposed conv after the sites becomes a 1x1 conv with each cell's own sub-kernel: the
+    interleaving, on its output grid, of every phase's output at the cells that phase's samples cover."""
+
+    @pytest.mark.parametrize("groups", [1, 2])
+    def test_one_site_consumed_whole(self, groups: int) -> None:
+        model = lively(_Decoder(groups))
+        net = PhaseNet(model, input_size=(3, 16, 24))
+        fine = atrous(model, ["b"], input_size=(3, 16, 24))
+        assert fine.output_factor == (1, 1)
+        x = torch.randn(2, 3, 16, 24)
+        with torch.no_grad():
+            out = fine(x)
+            assert out.shape == model(x).shape == (2, 4, 8, 12)  # the trained output grid: nothing finer
+            for dy in range(2):
+                for dx in range(2):  # cell (2i + dy, 2j + dx) is covered by phase (dy, dx)'s samples
+                    ref = net(x, phases={"b": (dy, dx)})
+                    assert torch.allclose(out[..., dy::2, dx::2], ref[..., dy::2, dx::2], atol=1e-6)
+        assert list(fine.state_dict()) == list(model.state_dict())
+
+    def test_two_sites_one_factor_left(self) -> None:
+        model = lively(_Decoder())
+        net = PhaseNet(model, input_size=(3, 16, 24))
+        fine = atrous(model, ["a", "b"], input_size=(3, 16, 24))
+        assert fine.output_factor == (2, 2)
+        x = torch.randn(1, 3, 16, 24)
+        with torch.no_grad():
+            out = fine(x)
+            assert out.shape == (1, 4, 16, 24)  # twice as fine as the trained output (8x12)
+            for m in range(16):
+                for n in range(24):  # state: site a's phase m % 2, site b's (m // 2) % 2; its output cell m // 2
+                    ref = net(x, phases={"a": (m % 2, n % 2), "b": ((m // 2) % 2, (n // 2) % 2)})
+                    assert torch.allclose(out[..., m, n], ref[..., m // 2, n // 2], atol=1e-6)
+
+    def test_espnet_builds_and_keeps_its_output_grid(self) -> None:
+        model = lively(ESPNet(12, 1, 1))
+        fine = atrous(model, ["encoder.level3_0.c1.conv"], input_size=(3, 64, 64))
+        assert fine.output_factor == (1, 1)
+        x = torch.randn(1, 3, 64, 64)
+        with torch.no_grad():
+            assert fine(x).shape == model(x).shape
+        assert sorted(fine.state_dict()) == sorted(model.state_dict())
+        two = atrous(model, ["encoder.level2_0.c1.conv", "encoder.level3_0.c1.conv"], input_size=(3, 64, 64))
+        with torch.no_grad():
+            assert two(x).shape == model(x).shape
+
+
 class TestRefusals:
-    def test_espnet_transposed_conv_named(self) -> None:
-        model = ESPNet(12, 1, 1).eval()
-        with pytest.raises(ModelError, match=r"'up_l3\.0' \(ConvTranspose2d\)"):
-            atrous(model, ["encoder.level3_0.c1.conv"], input_size=(3, 64, 64))
+    def test_transposed_conv_without_an_atrous_form_named(self) -> None:
+        class Overlap(nn.Module):  # kernel 4 > stride 2: the upsampled cells overlap
+            def __init__(self) -> None:
+                super().__init__()
+                self.a = nn.Conv2d(3, 4, 3, 2, 1)
+                self.up = nn.ConvTranspose2d(4, 4, 4, stride=2, padding=1)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.up(self.a(x))
+
+        with pytest.raises(ModelError, match=r"'up' \(ConvTranspose2d\).*kernel = stride"):
+            atrous(Overlap().eval(), ["a"], input_size=(3, 16, 16))
 
     def test_fixed_factor_resize_named(self) -> None:
         class Head(nn.Module):
@@ -154,9 +223,21 @@ class TestAtrousStrides:
             out = atrous(body, ["layer3.0", "layer4.0"], input_size=(3, 64, 64))(torch.randn(1, 3, 64, 64))["out"]
         assert out.shape[-2:] == (8, 8)
 
-    def test_espnet_refused_everywhere(self) -> None:
+    def test_refused_where_atrous_refuses(self) -> None:
         from polyglean.phase.atrous import atrous_strides
 
-        model = lively(ESPNet(classes=12, p=2, q=3))
-        net = PhaseNet(model, input_size=(3, 64, 64))
-        assert atrous_strides(model, net) == [None] * len(net.sites)
+        class Skip(nn.Module):  # a resize by a fixed factor between the sites: no à trous form from 'a'
+            def __init__(self) -> None:
+                super().__init__()
+                self.a, self.b = nn.Conv2d(3, 4, 3, 2, 1), nn.Conv2d(4, 4, 3, 2, 1)
+                self.c = nn.Conv2d(4, 4, 3, 1, 1)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                y = self.a(x)
+                y = y + F.interpolate(y, scale_factor=2.0)[..., : y.shape[-2], : y.shape[-1]]
+                return self.c(self.b(y))
+
+        model = Skip().eval()
+        net = PhaseNet(model, input_size=(3, 16, 16))
+        by_name = dict(zip([s.name for s in net.sites], atrous_strides(model, net)))
+        assert by_name["b"] == (2, 2) and by_name["a"] is None
