@@ -145,8 +145,8 @@ class StitchRunner:
             except (ArgumentError, ModelError) as other:
                 raise ModelError(f"{err} (The à trous network is refused too: {other})") from None
             raise ModelError(f"{err} Or run the à trous network instead (mode 'atrous', CLI --stitch-mode atrous), "
-                             "which takes such an op over the finer map: a different network than the trained "
-                             "model's phases") from None
+                             "which can take this layer (a global op is taken over the finer map there: a different "
+                             "network than the trained model's phases)") from None
         self.sites = [s.name for s in stitch_plan.sites]
         self.factor = stitch_plan.factor
         if config.mode == "phase":

@@ -119,10 +119,24 @@ class TestRefusals:
         with pytest.raises(ModelError, match=r"'mean'.*--stitch-mode atrous"):
             StitchRunner(lively(CGNet(11, 2, 3)), StitchEvalConfig(sites=("level3_0.conv1x1.conv",)), (3, 64, 96))
 
-    def test_espnet_names_the_transposed_conv(self) -> None:
-        with pytest.raises(ModelError, match=r"up_l3\.0"):
-            StitchRunner(ESPNet(12, 1, 1).eval(), StitchEvalConfig(sites=("encoder.level3_0.c1.conv",),
-                                                                   mode="atrous"), (3, 64, 64))
+    def test_espnet_phase_mode_names_the_transposed_conv_and_offers_atrous(self) -> None:
+        with pytest.raises(ModelError, match=r"up_l3\.0.*--stitch-mode atrous"):
+            StitchRunner(ESPNet(12, 1, 1).eval(), StitchEvalConfig(sites=("encoder.level3_0.c1.conv",)), (3, 64, 64))
+
+
+class TestRegistration:
+    def test_decoder_that_takes_the_factor_back_is_not_moved(self) -> None:
+        runner = StitchRunner(ESPNet(12, 1, 1).eval(), StitchEvalConfig(sites=("encoder.level3_0.c1.conv",),
+                                                                        mode="atrous"), (3, 64, 64))
+        x = torch.zeros(1, 3, 64, 64)
+        assert runner.output_factor == (1, 1) and runner.stride == (4.0, 4.0)
+        assert runner.registration(x, (64, 64)) == (0.0, 0.0)
+
+    def test_resized_finer_map_is_moved(self) -> None:
+        runner = StitchRunner(lively(CGNet(11, 2, 3)), StitchEvalConfig(sites=("level3_0.conv1x1.conv",),
+                                                                        mode="atrous"), (3, 64, 96))
+        assert runner.output_factor == (2, 2)
+        assert runner.registration(torch.zeros(1, 3, 64, 96), (64, 96)) == (2.0, 2.0)
 
     def test_unknown_site_lists_them(self) -> None:
         with pytest.raises(ArgumentError, match="unknown site 'nope'; sites are: 0:2, 1:5"):
