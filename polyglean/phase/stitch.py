@@ -706,6 +706,7 @@ def stitch_strides(net: PhaseNet) -> list[tuple[int, int] | None]:
         except (ArgumentError, ModelError):
             strides.append(None)
             continue
-        before = [net.sites[i] for i in below[s.index]]
-        strides.append((math.prod(b.factor[0] for b in before), math.prod(b.factor[1] for b in before)))
+        # every later site is stitched too: the finer map keeps the stride of the site's input (a side branch that
+        # subsamples the image beside the main path, as CGNet's and ESPNet's image projections do, does not count)
+        strides.append((s.reduction[0] // s.factor[0], s.reduction[1] // s.factor[1]))
     return strides

@@ -295,3 +295,27 @@ class TestBranches:
         cgnet = PhaseNet(cgnet_camvid().eval(), input_size=(3, 64, 64))
         with pytest.raises(ModelError, match="'mean'"):
             plan(cgnet, [cgnet.sites[-1].name])
+
+
+def test_stitch_strides_ignore_a_side_branch() -> None:
+    """An image projection beside the main path (CGNet, ESPNet) subsamples too, but the finer map's stride is the
+    stride of the stitched site's input, and the stitched map really has it."""
+    from polyglean.phase.stitch import stitch_strides
+
+    class Projected(nn.Module):  # as CGNet's: the image, pooled twice, joins the main path at 1/4
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, 2, 1)
+            self.pool0, self.pool1 = nn.AvgPool2d(3, 2, 1), nn.AvgPool2d(3, 2, 1)
+            self.b = nn.Conv2d(4, 4, 3, 2, 1)
+            self.c = nn.Conv2d(7, 4, 3, 1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(torch.cat([self.b(self.a(x)), self.pool1(self.pool0(x))], 1))
+
+    model = Projected().eval()
+    net = PhaseNet(model, input_size=(3, 32, 32))
+    strides = dict(zip([s.name for s in net.sites], stitch_strides(net)))
+    assert strides["b"] == (2, 2)
+    with torch.no_grad():
+        assert net.stitch(torch.randn(1, 3, 32, 32), ["b"]).shape[-2:] == (16, 16)  # 32 / 2
