@@ -10,8 +10,10 @@ them: its global statistics come from ``R_h R_w`` times as many cells, spaced ``
 model ever saw. It is what a DeepLab-style "output stride 8 at test time" does with such a model.
 
 A resize to a size read from the input (``F.interpolate(y, size=x.shape[-2:])``) stays: it upsamples the finer map
-to the same size. A resize by a fixed factor, a transposed conv, an average pool or a functional conv after a site
-has no dilated form and is refused by name.
+to the same size. A transposed conv whose kernel equals its stride (a decoder's upsampling, as ESPNet's) takes the
+factor back: each cell gets its own sub-kernel (:class:`SubKernelUpsample`), and what follows runs on a map that
+much less fine. A resize by a fixed factor, a transposed conv with overlapping cells, an average pool or a
+functional conv after a site has no dilated form and is refused by name.
 
 Example:
     >>> import torchvision  # doctest: +SKIP
