@@ -31,7 +31,7 @@ from torch import Tensor
 from polyglean.data.segmentation import SegmentationDataset
 from polyglean.experiments.stitch import translate
 from polyglean.io import write_json
-from polyglean.metrics_dense import boundary_band, confusion_matrix, segmentation_scores
+from polyglean.metrics_dense import DenseMeter
 from polyglean.models import get_preset, load_model
 from polyglean.phase.atrous import atrous
 from polyglean.provenance import machine
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     handles += [model.get_submodule(g[:-1] + "0").register_forward_pre_hook(grab("native", g)) for g in glo]
     handles += [fine.get_submodule(g[:-1] + "0").register_forward_pre_hook(grab("fine", g)) for g in glo]
     handles += [fine.get_submodule(g).register_forward_hook(capture(fine_w, g)) for g in glo]
-    conf: dict[str, list[Tensor]] = {}
+    meters: dict[str, DenseMeter] = {}
     logit_gap: list[float] = []
     diffs: dict[str, list[float]] = {g: [] for g in glo}
     mean_gap: dict[str, list[float]] = {g: [] for g in glo}
@@ -102,19 +102,13 @@ def main(argv: list[str] | None = None) -> int:
                 for k in (1, 3, 4):  # the registration shift is (8 - 8/R) / 2; others for comparison
                     if k != shift:
                         outs[f"atrous, moved {k} px"] = translate(a, (k, k))
-                band = boundary_band(y[None], 3)[0]
                 for k, v in outs.items():
-                    pred = v.argmax(1)[0]
-                    c = confusion_matrix(pred, y, preset.num_classes, preset.ignore_index)
-                    cb = confusion_matrix(pred, y, preset.num_classes, preset.ignore_index, band)
-                    conf.setdefault(k, [torch.zeros_like(c), torch.zeros_like(cb)])
-                    conf[k][0] += c
-                    conf[k][1] += cb
+                    meters.setdefault(k, DenseMeter(preset.num_classes, preset.ignore_index)).update(v.argmax(1), y[None])
     finally:
         for h in handles:
             h.remove()
-    rows = [{"variant": k, "miou": segmentation_scores(c)["miou"], "boundary_miou_k3": segmentation_scores(cb)["miou"]}
-            for k, (c, cb) in conf.items()]
+    rows = [{"variant": k, "miou": m.scores()["miou"], "boundary_miou_k3": m.scores()["boundary_miou_k3"]}
+            for k, m in meters.items()]
     print(f"CGNet, {len(picks)} camvid/val images, finer at {sites}")
     for r in rows:
         print(f"  {r['variant']:45s} mIoU {r['miou']:6.2f}  boundary3 {r['boundary_miou_k3']:6.2f}")

@@ -29,7 +29,7 @@ from torch import Tensor
 from polyglean.data.segmentation import SegmentationDataset
 from polyglean.experiments.stitch import translate
 from polyglean.io import write_json
-from polyglean.metrics_dense import boundary_band, confusion_matrix, segmentation_scores
+from polyglean.metrics_dense import DenseMeter
 from polyglean.models import get_preset, load_model
 from polyglean.phase.atrous import atrous
 from polyglean.provenance import machine
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ups: dict[str, Tensor] = {}
     handles = [model.up_l3[0].register_forward_hook(lambda m, i, o: ups.__setitem__("native", o)),
                fine.get_submodule("up_l3.0").register_forward_hook(lambda m, i, o: ups.__setitem__("fine", o))]
-    conf: dict[str, list[Tensor]] = {}
+    meters: dict[str, DenseMeter] = {}
     change: list[float] = []
     try:
         with torch.no_grad():
@@ -66,19 +66,13 @@ def main(argv: list[str] | None = None) -> int:
                 change.append(float((ups["fine"] - ups["native"]).abs().sum() / ups["native"].abs().sum()))
                 for k in (0, 1, -1, 2, -2, 4, -4):
                     outs[f"atrous, moved {k:+d} px" if k else "atrous"] = translate(a, (k, k)) if k else a
-                band = boundary_band(y[None], 3)[0]
                 for k, v in outs.items():
-                    pred = v.argmax(1)[0]
-                    c = confusion_matrix(pred, y, preset.num_classes, preset.ignore_index)
-                    cb = confusion_matrix(pred, y, preset.num_classes, preset.ignore_index, band)
-                    conf.setdefault(k, [torch.zeros_like(c), torch.zeros_like(cb)])
-                    conf[k][0] += c
-                    conf[k][1] += cb
+                    meters.setdefault(k, DenseMeter(preset.num_classes, preset.ignore_index)).update(v.argmax(1), y[None])
     finally:
         for h in handles:
             h.remove()
-    rows = [{"variant": k, "miou": segmentation_scores(c)["miou"], "boundary_miou_k3": segmentation_scores(cb)["miou"]}
-            for k, (c, cb) in conf.items()]
+    rows = [{"variant": k, "miou": m.scores()["miou"], "boundary_miou_k3": m.scores()["boundary_miou_k3"]}
+            for k, m in meters.items()]
     print(f"ESPNet, {len(picks)} camvid/val images, finer at {sites}")
     for r in rows:
         print(f"  {r['variant']:28s} mIoU {r['miou']:6.2f}  boundary3 {r['boundary_miou_k3']:6.2f}")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from polyglean.cli.main import main
+from tests.folders import link_camvid_pairs
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -39,10 +39,7 @@ def test_labels_refused_for_a_classifier(tmp_path: Path, capsys: pytest.CaptureF
 @pytest.mark.slow
 def test_espnet_on_two_camvid_images(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POLYGLEAN_DATA", str(shared_data))
-    for sub, dest in (("val", "img"), ("valannot", "lab")):
-        (tmp_path / dest).mkdir()
-        for name in ("0016E5_07959.png", "0016E5_07961.png"):
-            shutil.copy(shared_data / "camvid" / sub / name, tmp_path / dest / name)
+    link_camvid_pairs(shared_data / "camvid", tmp_path)
     out, fig = tmp_path / "r.json", tmp_path / "r.png"
     rc = main(["eval", "--model", "camvid-espnet", "--data", str(tmp_path / "img"), "--labels", str(tmp_path / "lab"),
                "--budgets", "1,2", "--batch-size", "2", "--json", str(out), "--plot", str(fig), "--no-progress"])

@@ -4,12 +4,12 @@ so), named layers a model cannot run at a finer stride, and a real run of CGNet'
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from polyglean.cli.main import main
+from tests.folders import link_camvid_pairs
 
 CGNET_LAST = "level3_0.conv1x1.conv"
 
@@ -69,10 +69,7 @@ def test_model_refusals_name_the_layer(tmp_path: Path, capsys: pytest.CaptureFix
 def test_cgnet_atrous_on_two_camvid_images(shared_data: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POLYGLEAN_DATA", str(shared_data))
-    for sub, dest in (("val", "img"), ("valannot", "lab")):
-        (tmp_path / dest).mkdir()
-        for name in ("0016E5_07959.png", "0016E5_07961.png"):
-            shutil.copy(shared_data / "camvid" / sub / name, tmp_path / dest / name)
+    link_camvid_pairs(shared_data / "camvid", tmp_path)
     out, fig = tmp_path / "r.json", tmp_path / "r.png"
     rc = main(["eval", "--model", "camvid-cgnet", "--data", str(tmp_path / "img"), "--labels", str(tmp_path / "lab"),
                "--stitch", CGNET_LAST, "--stitch-mode", "atrous", "--stitch-mask", "edges,uncertain",
@@ -100,10 +97,7 @@ def test_espnet_atrous_on_two_camvid_images(shared_data: Path, tmp_path: Path,
     """ESPNet's decoder takes the factor back (kernel = stride transposed convs): its output stays on the trained
     grid, so nothing is registered, and the level-3 FLOPs (3x the cells' share) are measured."""
     monkeypatch.setenv("POLYGLEAN_DATA", str(shared_data))
-    for sub, dest in (("val", "img"), ("valannot", "lab")):
-        (tmp_path / dest).mkdir()
-        for name in ("0016E5_07959.png", "0016E5_07961.png"):
-            shutil.copy(shared_data / "camvid" / sub / name, tmp_path / dest / name)
+    link_camvid_pairs(shared_data / "camvid", tmp_path)
     out = tmp_path / "r.json"
     rc = main(["eval", "--model", "camvid-espnet", "--data", str(tmp_path / "img"), "--labels", str(tmp_path / "lab"),
                "--stitch", "encoder.level3_0.c1.conv", "--stitch-mode", "atrous", "--stitch-mask", "uncertain",
